@@ -1,0 +1,1 @@
+"""Ray Serve application: session replicas, sticky routing, gRPC ingress."""

@@ -1,0 +1,1 @@
+"""sinkcache: the StreamingLLM engine (arena, model runner, scheduler); no Ray, no network."""

@@ -1,0 +1,213 @@
+"""Model shapes and cache geometry: plain data, with named presets.
+
+A `ModelShape` is everything the runner needs to lay out weights and the arena; presets are data
+(like gpt-fast's `transformer_configs`), so `tiny`, `smollm2-135m` and `llama3-8b` are not code paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# RoPE variants whose frequencies do not depend on the sequence length: with them attention
+# depends only on the distance between query and key, which StreamingLLM positions rely on.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a Llama-family decoder this engine can run."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Architecture hyper-parameters of a Llama-family decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # transformers' rope_parameters dict (rope_type plus its own keys), e.g. llama3 scaling.
+    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+    max_position_embeddings: int = 8192
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_parameters.get("rope_type", "default")
+
+    @property
+    def kv_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> ModelShape:
+        return dataclasses.replace(self, **changes)
+
+    def weight_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of all weights (what one decode step must read once)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * (self.num_heads * d) * 2 + h * (self.num_kv_heads * d) * 2
+        mlp = 3 * h * i
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return (self.num_layers * per_layer + embed + h) * dtype_bytes
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+PRESETS: dict[str, ModelShape] = {
+    # A small random-weight Llama for CPU demos and load tests; uses the default tokenizer's vocab.
+    "tiny": ModelShape(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
+    "smollm2-135m": ModelShape(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
+    "llama3-8b": ModelShape(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128009),
+    ),
+}
+
+
+def shape_from_hf_config(config: Any) -> ModelShape:
+    """Read a transformers `PretrainedConfig` into a `ModelShape`, refusing what we cannot run."""
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
+    known_types = set(SUPPORTED_ARCHITECTURES.values())
+    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise UnsupportedModelError(
+            f"unsupported architecture {archs[0]!r}: sinkserve runs "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    if model_type not in known_types:
+        raise UnsupportedModelError(
+            f"unsupported model_type {model_type!r}: sinkserve runs {', '.join(sorted(known_types))}"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"unsupported activation {config.hidden_act!r} (need silu)")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModelError("unsupported: MLP bias")
+
+    rope = _rope_parameters(config)
+    if rope.get("rope_type", "default") not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported RoPE type {rope.get('rope_type')!r}: StreamingLLM needs position-independent "
+            f"frequencies ({', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    if model_type == "qwen2":
+        qkv_bias = True
+    else:
+        qkv_bias = bool(getattr(config, "attention_bias", False))
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
+    return ModelShape(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        rope_parameters=rope,
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", 8192)),
+        qkv_bias=qkv_bias,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        bos_token_id=getattr(config, "bos_token_id", None),
+        eos_token_ids=eos_ids,
+    )
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """transformers 5 keeps RoPE settings in `rope_parameters`; older configs in `rope_scaling`."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = dict(params)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def shape_to_hf_config(shape: ModelShape, architecture: str = "llama") -> Any:
+    """A transformers config for this shape (tests build reference models and random weights)."""
+    from transformers import AutoConfig
+
+    model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}[architecture]
+    rope = dict(shape.rope_parameters)
+    rope["rope_theta"] = shape.rope_theta
+    kwargs: dict[str, Any] = dict(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        rms_norm_eps=shape.rms_norm_eps,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        rope_parameters=rope,
+        bos_token_id=shape.bos_token_id,
+        eos_token_id=list(shape.eos_token_ids) or None,
+    )
+    if architecture == "llama":
+        kwargs["attention_bias"] = shape.qkv_bias
+    return AutoConfig.for_model(model_type, **kwargs)

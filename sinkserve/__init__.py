@@ -1,0 +1,1 @@
+"""sinkserve client, CLI and generated gRPC contract."""
