@@ -27,7 +27,9 @@ class CacheGeometry:
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
-            raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink} window={self.window}")
+            raise ValueError(
+                f"need sink >= 0 and window >= 1, got sink={self.sink} window={self.window}"
+            )
 
     @property
     def capacity(self) -> int:

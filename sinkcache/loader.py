@@ -70,9 +70,7 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype, device: torch.device | str)
         own[dst + "post_attention_norm.weight"] = state[src + "post_attention_layernorm.weight"]
     own["norm.weight"] = state["model.norm.weight"]
     own["lm_head.weight"] = (
-        state["model.embed_tokens.weight"]
-        if shape.tie_word_embeddings
-        else state["lm_head.weight"]
+        state["model.embed_tokens.weight"] if shape.tie_word_embeddings else state["lm_head.weight"]
     )
     model.load_state_dict(own, strict=True)
     return model.to(device=device, dtype=dtype).eval()

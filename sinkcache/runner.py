@@ -37,7 +37,9 @@ class StepPlan:
     decode_slots: list[int] = field(default_factory=list)
     prefill: list[PrefillChunk] = field(default_factory=list)
     variant: SamplerVariant = SamplerVariant.GREEDY
-    decode_version: int = -1  # changes whenever decode_slots changes (lets the runner reuse buffers)
+    decode_version: int = (
+        -1
+    )  # changes whenever decode_slots changes (lets the runner reuse buffers)
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +62,27 @@ class StepResult:
         return self
 
 
-DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+DECODE_BUCKETS = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    24,
+    32,
+    48,
+    64,
+    96,
+    128,
+    192,
+    256,
+    384,
+    512,
+    768,
+    1024,
+    1536,
+    2048,
+)
 
 
 class ModelRunner:
@@ -184,10 +206,20 @@ class ModelRunner:
             ids_p + slot_p + t_p + end_p + cu + row_slots + row_seen + logits_p + targets
         )
         fields = np.cumsum(
-            [0, *[total_prefill] * 4, len(cu), len(chunks), len(chunks), len(logits_p), len(targets)]
+            [
+                0,
+                *[total_prefill] * 4,
+                len(cu),
+                len(chunks),
+                len(chunks),
+                len(logits_p),
+                len(targets),
+            ]
         )
         part = [packed[fields[i] : fields[i + 1]] for i in range(len(fields) - 1)]
-        ids_p_t, slot_p_t, t_p_t, end_p_t, cu_t, row_slots_t, row_seen_t, logits_p_t, targets_t = part
+        ids_p_t, slot_p_t, t_p_t, end_p_t, cu_t, row_slots_t, row_seen_t, logits_p_t, targets_t = (
+            part
+        )
 
         slots = torch.cat([decode_slots, slot_p_t])
         t = torch.cat([t_decode, t_p_t])

@@ -7,7 +7,12 @@ import torch
 
 from sinkcache.arena import CacheGeometry, KVArena
 from sinkcache.attention.backend import REFERENCE
-from sinkcache.config import ModelShape, UnsupportedModelError, shape_from_hf_config, shape_to_hf_config
+from sinkcache.config import (
+    ModelShape,
+    UnsupportedModelError,
+    shape_from_hf_config,
+    shape_to_hf_config,
+)
 from sinkcache.loader import from_hf_model
 from sinkcache.runner import ModelRunner, PrefillChunk, StepPlan
 
@@ -66,7 +71,9 @@ def test_dense_logits_match_transformers(family: str) -> None:
     assert shape_from_hf_config(hf.config) == ours.shape
 
     length = 70  # past the llama3 original window of 32 so the scaled frequencies matter
-    ids = torch.randint(0, shape.vocab_size, (2, length), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(
+        0, shape.vocab_size, (2, length), generator=torch.Generator().manual_seed(7)
+    )
     with torch.no_grad():
         expected = hf(input_ids=ids).logits  # [2, length, V]
 
@@ -126,6 +133,8 @@ def test_unsupported_architecture_is_refused() -> None:
     config = AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2)
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         shape_from_hf_config(config)
-    dynamic = shape_to_hf_config(BASE.replace(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    dynamic = shape_to_hf_config(
+        BASE.replace(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    )
     with pytest.raises(UnsupportedModelError, match="RoPE"):
         shape_from_hf_config(dynamic)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -25,7 +25,9 @@ REFERENCE = AttentionBackend("reference", reference.decode_attention, reference.
 def triton_backend() -> AttentionBackend:
     from sinkcache.attention import triton_decode, triton_prefill
 
-    return AttentionBackend("triton", triton_decode.decode_attention, triton_prefill.prefill_attention)
+    return AttentionBackend(
+        "triton", triton_decode.decode_attention, triton_prefill.prefill_attention
+    )
 
 
 def select_backend(device: torch.device | str, name: str = "auto") -> AttentionBackend:

@@ -83,7 +83,7 @@ def prefill_attention(
     a slot that now holds row_seen[r] tokens. Query i of a chunk attends causally: to the sinks, to
     the recent keys kept before the chunk, and to chunk tokens up to itself. Returns [T, H, D].
     """
-    total, heads, dim = q.shape
+    _, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)

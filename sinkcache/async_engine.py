@@ -1,0 +1,263 @@
+"""AsyncEngine: the engine loop on its own thread, an asyncio API in front of it.
+
+The engine thread owns the EngineCore (and with it every device tensor): asyncio code hands it
+commands through a queue and gets results back through futures and per-request streams. Events
+reach asyncio in batches: one `call_soon_threadsafe` wakes every stream that got something since the
+last flush, at most every `flush_interval` seconds, so thousands of sessions do not mean thousands
+of cross-thread calls per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sinkcache.engine import EngineCore
+from sinkcache.inputs import AppendInput
+from sinkcache.sampling import GenerationParams
+from sinkcache.session import EngineStoppedError, Event, TokensEvent, TurnEndEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    slot: int
+    capacity: int
+    sink: int
+    window: int
+    stream_pos: int
+
+
+class RequestStream:
+    """One request's events: pushed by the engine thread, iterated by asyncio (coalesced)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events: deque[Event | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+
+    # engine thread
+    def push(self, event: Event) -> None:
+        self._events.append(event)
+
+    def fail(self, error: BaseException) -> None:
+        self._events.append(error)
+
+    # asyncio thread
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._events:
+            if self._done:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        first = self._events.popleft()
+        if isinstance(first, BaseException):
+            self._done = True
+            raise first
+        if isinstance(first, TurnEndEvent):
+            self._done = True
+        elif isinstance(first, TokensEvent):
+            # Coalesce consecutive token events into one.
+            ids, text = list(first.ids), [first.text]
+            while self._events and isinstance(self._events[0], TokensEvent):
+                more = self._events.popleft()
+                ids += more.ids
+                text.append(more.text)
+                first = TokensEvent(ids, "", more.stream_pos)
+            first = TokensEvent(ids, "".join(text), first.stream_pos)
+        return first
+
+
+class AsyncEngine:
+    """Owns an EngineCore and the thread that steps it."""
+
+    def __init__(self, core: EngineCore, flush_interval: float = 0.005) -> None:
+        self.core = core
+        self.flush_interval = flush_interval
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_flush = 0.0
+        self.error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sinkcache-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    # -- API ---------------------------------------------------------------------------------------
+    async def open_session(
+        self, session_id: str | None = None, stream_base: int = 0
+    ) -> SessionInfo:
+        session_id = session_id or uuid.uuid4().hex
+        geometry = self.core.arena.geometry
+
+        def run() -> SessionInfo:
+            session = self.core.open_session(session_id, stream_base)
+            return SessionInfo(
+                session_id,
+                session.slot,
+                geometry.capacity,
+                geometry.sink,
+                geometry.window,
+                session.stream_pos,
+            )
+
+        return await self._call(run)
+
+    async def session_info(self, session_id: str) -> SessionInfo:
+        geometry = self.core.arena.geometry
+
+        def run() -> SessionInfo:
+            session = self.core.session(session_id)
+            return SessionInfo(
+                session_id,
+                session.slot,
+                geometry.capacity,
+                geometry.sink,
+                geometry.window,
+                session.stream_pos,
+            )
+
+        return await self._call(run)
+
+    async def append(
+        self,
+        session_id: str,
+        item: AppendInput,
+        generation: GenerationParams | None = None,
+        score: bool = False,
+    ) -> AsyncIterator[Event]:
+        """Queue an append; iterate the result for tokens (if generating), scores and the turn end.
+
+        Validation errors raise here, before anything is queued.
+        """
+        stream = RequestStream(self._loop)
+        await self._call(lambda: self.core.submit(session_id, item, generation, score, stream))
+        return stream
+
+    async def cancel(self, session_id: str) -> bool:
+        return await self._call(lambda: self.core.cancel(session_id))
+
+    async def close(self, session_id: str) -> None:
+        await self._call(lambda: self.core.close(session_id))
+
+    async def held_tokens(self, session_id: str) -> list[int]:
+        return await self._call(lambda: self.core.held_tokens(session_id))
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for metrics and the Stats RPC (read without locking: counters only)."""
+        core, arena = self.core, self.core.arena
+        recent = list(core.counters.step_seconds)[-256:]
+        return {
+            "sessions": len(core.sessions),
+            "slots_total": arena.num_slots,
+            "slots_used": arena.used_slots,
+            "slots_free": arena.free_slots,
+            "decoding": len(core.scheduler.decoding),
+            "prefill_queue": len(core.scheduler.prefilling),
+            "steps": core.counters.steps,
+            "decode_tokens": core.counters.decode_tokens,
+            "prefill_tokens": core.counters.prefill_tokens,
+            "generated_tokens": core.counters.generated_tokens,
+            "turns_finished": core.counters.turns_finished,
+            "step_ms_p50": 1000 * sorted(recent)[len(recent) // 2] if recent else 0.0,
+            "kv_bytes": arena.nbytes(),
+        }
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._stopping or self.error is not None:
+            raise EngineStoppedError("the engine is not running")
+        loop = self._loop
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def command() -> None:
+            try:
+                value = fn()
+            except BaseException as error:  # delivered to the caller
+                loop.call_soon_threadsafe(_set_exception, future, error)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, value)
+
+        self._commands.append(command)
+        self._wakeup.set()
+        return await future
+
+    def _run(self) -> None:
+        core = self.core
+        try:
+            while not self._stopping:
+                while self._commands:
+                    self._commands.popleft()()
+                worked = core.step()
+                if core.dirty:
+                    now = time.perf_counter()
+                    if not worked or now - self._last_flush >= self.flush_interval:
+                        self._flush(now)
+                if not worked and not core.busy and not self._commands:
+                    self._wakeup.wait(timeout=0.05)
+                    self._wakeup.clear()
+            core.drain()
+        except BaseException as error:
+            log.exception("engine loop failed")
+            self.error = error
+            for session in list(core.sessions.values()):
+                for request in ([session.active] if session.active else []) + list(session.queue):
+                    request.sink.fail(EngineStoppedError(f"engine failed: {error}"))
+                    core.dirty.add(request.sink)
+        finally:
+            self._flush(time.perf_counter())
+            while self._commands:  # answer whoever is still waiting
+                self._commands.popleft()()
+
+    def _flush(self, now: float) -> None:
+        sinks, self.core.dirty = self.core.dirty, set()
+        self._last_flush = now
+        if sinks and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_wake_all, sinks)
+
+
+def _wake_all(sinks: set[RequestStream]) -> None:
+    for sink in sinks:
+        sink.wake()
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,110 @@
+"""EngineConfig and `build_engine`: from settings to a running AsyncEngine.
+
+Placement decisions live here and nowhere else: device and dtype, the attention backend, CUDA graphs,
+and how many slots the arena gets (set directly or from a memory budget).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sinkcache.arena import CacheGeometry, KVArena, slots_for_budget
+from sinkcache.async_engine import AsyncEngine
+from sinkcache.attention.backend import select_backend
+from sinkcache.engine import EngineCore
+from sinkcache.loader import LoadedModel, load_model
+from sinkcache.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    sink: int = 4
+    window: int = 1020
+    slots: int | None = None  # None: from kv_memory_gib, or a device default
+    kv_memory_gib: float | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    max_step_tokens: int | None = None  # per-step token budget (decode rows + prefill chunks)
+    cuda_graphs: bool = True
+    attention: str = "auto"  # auto | reference | triton
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+
+def _slot_count(
+    config: EngineConfig, loaded: LoadedModel, geometry: CacheGeometry, dtype: torch.dtype, device
+) -> int:
+    if config.slots is not None:
+        return config.slots
+    if config.kv_memory_gib is not None:
+        budget = int(config.kv_memory_gib * 2**30)
+    elif device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.80)  # leave room for activations, graphs and the allocator
+    else:
+        return 64
+    slots = slots_for_budget(loaded.shape, geometry, dtype, budget)
+    if slots < 1:
+        raise ValueError(
+            f"a KV budget of {budget} bytes holds no slot of capacity {geometry.capacity}"
+        )
+    return slots
+
+
+def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:
+    """Load the model (unless given), size and allocate the arena, wire the runner."""
+    device = config.resolved_device()
+    dtype = config.resolved_dtype(device)
+    geometry = CacheGeometry(config.sink, config.window)
+    if loaded is None:
+        loaded = load_model(config.model, dtype, device, seed=config.seed)
+    num_slots = _slot_count(config, loaded, geometry, dtype, device)
+    arena = KVArena(loaded.shape, geometry, num_slots, dtype, device)
+    runner = ModelRunner(
+        loaded.model,
+        arena,
+        select_backend(device, config.attention),
+        use_cuda_graphs=config.cuda_graphs,
+    )
+    codec = None
+    if loaded.tokenizer is not None:
+        from sinkcache.text import TokenizerCodec
+
+        codec = TokenizerCodec(loaded.tokenizer, loaded.shape)
+    max_step_tokens = config.max_step_tokens or (2048 if device.type == "cuda" else 512)
+    log.info(
+        "engine: model=%s device=%s dtype=%s slots=%d capacity=%d (%d sink + %d window), kv=%.1f MiB",
+        config.model,
+        device,
+        dtype,
+        num_slots,
+        geometry.capacity,
+        geometry.sink,
+        geometry.window,
+        arena.nbytes() / 2**20,
+    )
+    return EngineCore(runner, codec, max_step_tokens, eos_ids=frozenset(loaded.shape.eos_token_ids))
+
+
+def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> AsyncEngine:
+    """An AsyncEngine ready to `start()` inside a running event loop."""
+    return AsyncEngine(build_core(config, loaded))

@@ -1,0 +1,245 @@
+"""The engine end to end on a tiny random model: continuous batching, exact streams, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from sinkcache.arena import ArenaFullError, CacheGeometry, KVArena
+from sinkcache.async_engine import AsyncEngine
+from sinkcache.attention.backend import REFERENCE
+from sinkcache.config import ModelShape, shape_to_hf_config
+from sinkcache.engine import EngineCore
+from sinkcache.inputs import TokenInput
+from sinkcache.loader import from_hf_model
+from sinkcache.runner import ModelRunner
+from sinkcache.sampling import GenerationParams
+from sinkcache.session import (
+    EndReason,
+    InvalidRequestError,
+    ScoresEvent,
+    SessionNotFoundError,
+    TokensEvent,
+    TurnEndEvent,
+)
+from tests.streaming_reference import ReferenceStream
+
+SHAPE = ModelShape(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    hf = AutoModelForCausalLM.from_config(shape_to_hf_config(SHAPE), dtype=torch.float32).eval()
+    return hf, from_hf_model(hf, torch.float32, "cpu")
+
+
+def make_engine(model, geometry, slots=8, eos=(), max_step_tokens=64) -> AsyncEngine:
+    arena = KVArena(model.shape, geometry, slots, torch.float32, "cpu")
+    runner = ModelRunner(model, arena, REFERENCE)
+    core = EngineCore(runner, None, max_step_tokens, eos_ids=frozenset(eos))
+    engine = AsyncEngine(core, flush_interval=0.0)
+    engine.start()
+    return engine
+
+
+async def collect(stream) -> tuple[list[int], list[ScoresEvent], TurnEndEvent]:
+    ids, scores, end = [], [], None
+    async for event in stream:
+        if isinstance(event, TokensEvent):
+            ids += event.ids
+        elif isinstance(event, ScoresEvent):
+            scores.append(event)
+        else:
+            end = event
+    return ids, scores, end
+
+
+async def test_greedy_replies_and_scores_follow_reference(models) -> None:
+    hf, ours = models
+    geometry = CacheGeometry(2, 10)
+    engine = make_engine(ours, geometry)
+    rng = random.Random(1)
+    try:
+        sessions = [(await engine.open_session()).session_id for _ in range(3)]
+        refs = {s: ReferenceStream(hf, geometry.sink, geometry.window) for s in sessions}
+        pending: dict[str, list[int]] = {s: [] for s in sessions}
+
+        async def turn(session: str) -> None:
+            prompt = [rng.randrange(SHAPE.vocab_size) for _ in range(rng.randint(1, 8))]
+            params = GenerationParams(max_new_tokens=rng.randint(1, 25), temperature=0.0)
+            stream = await engine.append(session, TokenInput(tuple(prompt)), params, score=True)
+            ids, scores, end = await collect(stream)
+            assert end.reason == EndReason.LENGTH and len(ids) == params.max_new_tokens
+            # Check against the reference: same chunk, then one token at a time.
+            ref = refs[session]
+            fed = pending[session] + prompt
+            logits = ref.feed(fed)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            expect_scores = [logprobs[i, fed[i + 1]].item() for i in range(len(fed) - 1)]
+            got_scores = [v for event in scores for v in event.logprobs]
+            assert got_scores == pytest.approx(expect_scores, abs=1e-4)
+            for i, token in enumerate(ids):
+                assert logits[-1, token] >= logits[-1].max() - 1e-4, "not the greedy token"
+                if i + 1 < len(ids):  # the last reply token stays pending
+                    logits = ref.feed([token])
+            pending[session] = [ids[-1]]
+
+        for _ in range(6):  # several turns, the sessions' turns running concurrently
+            await asyncio.gather(*(turn(s) for s in sessions))
+    finally:
+        await engine.shutdown()
+
+
+async def test_held_tokens_equal_the_emitted_stream(models) -> None:
+    """Random turns ending by EOS, length, cancel or no reply at all: whatever happens, the cache
+    holds exactly the last tokens of what was appended plus what was emitted."""
+    _, ours = models
+    geometry = CacheGeometry(3, 9)
+    eos = set(range(0, SHAPE.vocab_size, 4))  # a quarter of the vocab ends a reply
+    engine = make_engine(ours, geometry, eos=eos)
+    rng = random.Random(7)
+    try:
+        sessions = [(await engine.open_session()).session_id for _ in range(4)]
+        streams: dict[str, list[int]] = {s: [] for s in sessions}
+        reasons = set()
+
+        async def turn(session: str) -> None:
+            prompt = [rng.randrange(SHAPE.vocab_size) for _ in range(rng.randint(0, 14))]
+            kind = rng.choice(["reply", "reply", "cancel", "append"])
+            params = None
+            if kind != "append":
+                params = GenerationParams(max_new_tokens=rng.randint(1, 30), temperature=1.5)
+                if not prompt:  # a reply after an EOS-ended reply needs input to continue from
+                    prompt = [1]
+            stream = await engine.append(session, TokenInput(tuple(prompt)), params)
+            if kind == "cancel":
+                await asyncio.sleep(rng.random() * 0.01)
+                await engine.cancel(session)
+            ids, _, end = await collect(stream)
+            reasons.add(end.reason)
+            streams[session] += prompt + ids
+            assert end.stream_pos == len(streams[session])
+            assert end.generated_tokens == len(ids)
+
+        for _ in range(12):
+            await asyncio.gather(*(turn(s) for s in sessions))
+        for session in sessions:
+            held = await engine.held_tokens(session)
+            stream = streams[session]
+            pending = len(engine.core.sessions[session].pending)  # 0 or 1: the last token
+            cached = stream[: len(stream) - pending]
+            tail = cached[: geometry.sink] + cached[geometry.sink :][-geometry.window :]
+            assert held == tail + stream[len(cached) :]
+            assert (await engine.session_info(session)).stream_pos == len(stream)
+        assert {EndReason.EOS, EndReason.LENGTH, EndReason.APPENDED} <= reasons
+    finally:
+        await engine.shutdown()
+
+
+async def test_long_append_does_not_stall_decoding(models) -> None:
+    _, ours = models
+    geometry = CacheGeometry(2, 8)
+    engine = make_engine(ours, geometry, max_step_tokens=12)
+    try:
+        a = (await engine.open_session()).session_id
+        b = (await engine.open_session()).session_id
+        params = GenerationParams(max_new_tokens=60, temperature=0.0)
+        reply = await engine.append(a, TokenInput((1, 2, 3)), params)
+        first = await reply.__anext__()  # a is decoding now
+        assert isinstance(first, TokensEvent)
+        steps_before = engine.core.counters.steps
+        long_input = tuple(random.Random(0).randrange(SHAPE.vocab_size) for _ in range(200))
+        appended = await engine.append(b, TokenInput(long_input))
+        ids_a, _, end_a = await collect(reply)
+        _, _, end_b = await collect(appended)
+        assert end_a.reason == EndReason.LENGTH and end_b.reason == EndReason.APPENDED
+        steps = engine.core.counters.steps - steps_before
+        # 199 tokens fed in chunks of at most the window alongside a's decode rows: a never waits.
+        assert steps >= 199 // geometry.window
+        assert len(ids_a) + 1 == 60
+    finally:
+        await engine.shutdown()
+
+
+async def test_errors_leave_other_sessions_running(models) -> None:
+    _, ours = models
+    engine = make_engine(ours, CacheGeometry(2, 8), slots=2)
+    try:
+        a = (await engine.open_session()).session_id
+        reply = await engine.append(
+            a, TokenInput((5, 6)), GenerationParams(max_new_tokens=40, temperature=0.0)
+        )
+        await engine.open_session()
+        with pytest.raises(ArenaFullError):
+            await engine.open_session()
+        with pytest.raises(SessionNotFoundError):
+            await engine.append("nope", TokenInput((1,)))
+        with pytest.raises(InvalidRequestError, match="out of range"):
+            await engine.append(a, TokenInput((SHAPE.vocab_size,)))
+        with pytest.raises(InvalidRequestError, match="top_p"):
+            await engine.append(a, TokenInput((1,)), GenerationParams(top_p=0.0))
+        with pytest.raises(InvalidRequestError, match="tokenizer"):
+            from sinkcache.inputs import TextInput
+
+            await engine.append(a, TextInput("hello"))
+        ids, _, end = await collect(reply)
+        assert end.reason == EndReason.LENGTH and len(ids) == 40
+        await engine.close(a)
+        await engine.open_session()  # the freed slot is usable again
+    finally:
+        await engine.shutdown()
+
+
+async def test_no_cache_memory_after_startup(models) -> None:
+    _, ours = models
+    engine = make_engine(ours, CacheGeometry(2, 6), slots=3)
+    arena = engine.core.arena
+    tensors = {"k": arena.k, "v": arena.v, "seen": arena.seen, "ids": arena.token_ids}
+    storage = {
+        name: (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        for name, t in tensors.items()
+    }
+    try:
+        sessions = [(await engine.open_session()).session_id for _ in range(3)]
+        params = GenerationParams(max_new_tokens=800, temperature=1.0, ignore_eos=True)
+        streams = [await engine.append(s, TokenInput((1, 2)), params) for s in sessions]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        assert all(len(ids) == 800 for ids, _, _ in results)
+        for name, t in tensors.items():
+            assert (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) == storage[name]
+        assert arena.k is tensors["k"] and arena.v is tensors["v"]
+    finally:
+        await engine.shutdown()
+
+
+async def test_seeded_sampling_is_independent_of_batching(models) -> None:
+    _, ours = models
+    params = GenerationParams(max_new_tokens=30, temperature=1.0, top_k=20, top_p=0.9, seed=1234)
+    outputs = []
+    for company in (0, 3):  # alone, then sharing every step with three other sessions
+        engine = make_engine(ours, CacheGeometry(2, 8))
+        try:
+            s = (await engine.open_session()).session_id
+            others = [(await engine.open_session()).session_id for _ in range(company)]
+            noise = GenerationParams(max_new_tokens=40, temperature=1.0)
+            side = [await engine.append(o, TokenInput((3, 4, 5)), noise) for o in others]
+            ids, _, _ = await collect(await engine.append(s, TokenInput((7, 8, 9)), params))
+            await asyncio.gather(*(collect(x) for x in side))
+            outputs.append(ids)
+        finally:
+            await engine.shutdown()
+    assert outputs[0] == outputs[1]
