@@ -157,13 +157,16 @@ class AsyncEngine:
         item: AppendInput,
         generation: GenerationParams | None = None,
         score: bool = False,
+        max_chunk: int | None = None,
     ) -> AsyncIterator[Event]:
         """Queue an append; iterate the result for tokens (if generating), scores and the turn end.
 
         Validation errors raise here, before anything is queued.
         """
         stream = RequestStream(self._loop)
-        await self._call(lambda: self.core.submit(session_id, item, generation, score, stream))
+        await self._call(
+            lambda: self.core.submit(session_id, item, generation, score, stream, max_chunk)
+        )
         return stream
 
     async def cancel(self, session_id: str) -> bool:

@@ -110,11 +110,19 @@ class EngineCore:
         generation: GenerationParams | None,
         score: bool,
         sink: OutputSink,
+        max_chunk: int | None = None,
     ) -> Request:
-        """Queue an append; it runs after the session's earlier requests."""
+        """Queue an append; it runs after the session's earlier requests.
+
+        `max_chunk` caps the prefill chunk (1 feeds a token per step, as the paper's evaluation).
+        """
         session = self.session(session_id)
         self._validate(item, generation)
+        window = self.arena.geometry.window
+        if max_chunk is not None and not 1 <= max_chunk <= window:
+            raise InvalidRequestError(f"chunk must be in [1, {window}], got {max_chunk}")
         request = Request(
+            max_chunk=max_chunk,
             tokens=[],
             generation=generation,
             score=score,
@@ -323,7 +331,7 @@ class EngineCore:
             # Reply token i is written by decode step i; one produced but never fed stays pending.
             if generated and generated == request.decode_steps + 1:
                 session.pending = [request.last_token]
-            session.open_reply = "eos" if reason == EndReason.EOS else "other"
+            session.open_reply = request.last_token if reason == EndReason.EOS else -1
         self._end(request, reason, session, generated, detail)
         self.scheduler.drop(session)
         session.active = None

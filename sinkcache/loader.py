@@ -79,10 +79,10 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype, device: torch.device | str)
 def _hf_location(spec: str) -> tuple[str, dict[str, Any]]:
     """(directory, from_pretrained kwargs) for a default / local spec."""
     if spec == "default":
-        from sinkcache.assets import default_model_source
+        from sinkcache.assets import default_model
 
-        source = default_model_source()
-        return str(source.path), {"gguf_file": source.gguf_file}
+        source = default_model()
+        return str(source.directory), {"gguf_file": source.gguf_file}
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), {"gguf_file": path.name}

@@ -109,7 +109,8 @@ class Scheduler:
             rounds -= 1
             session = self.prefilling.popleft()
             request = session.active
-            n = min(len(request.feed) - request.fed, self.geometry.window, budget)
+            limit = request.max_chunk or self.geometry.window
+            n = min(len(request.feed) - request.fed, limit, budget)
             tokens = request.feed[request.fed : request.fed + n]
             last = request.fed + n == len(request.feed)
             sample = last and request.generation is not None and not request.cancelled

@@ -85,6 +85,7 @@ class Request:
     input: Any = None  # the AppendInput, encoded to `tokens` when the request becomes active
     chat: bool = False  # a chat turn: close a previous unfinished assistant reply first
     stream_start: int = 0  # stream position after the input (where the reply starts)
+    max_chunk: int | None = None  # prefill at most this many tokens per step (default: window)
     # -- progress, owned by the engine thread ----------------------------------------------------
     feed: list[int] = field(default_factory=list)  # what to write into the slot
     targets: list[int] | None = None  # next token after each fed token (scores)
@@ -118,7 +119,7 @@ class Session:
     queue: deque[Request] = field(default_factory=deque)
     active: Request | None = None
     state: SessionState = SessionState.IDLE
-    open_reply: str | None = None  # how the last reply ended if a chat turn must close it
+    open_reply: int | None = None  # a reply a chat turn must close: its EOS token id, or -1
     closing: bool = False
 
     @property
