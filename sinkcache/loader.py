@@ -33,16 +33,24 @@ class LoadedModel:
 def random_model(
     shape: ModelShape, dtype: torch.dtype, device: torch.device | str, seed: int = 0
 ) -> Transformer:
-    """Seeded random weights (std 0.02, like HF init) in the given shape."""
-    generator = torch.Generator().manual_seed(seed)
-    model = Transformer(shape)
+    """Seeded random weights (std 0.02, like HF init) in the given shape, made on `device`.
+
+    Built on the meta device first so an 8B model never exists in float32 anywhere.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(shape)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if shape.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    return model.to(device=device, dtype=dtype).eval()
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
 
 
 def from_hf_model(hf_model: Any, dtype: torch.dtype, device: torch.device | str) -> Transformer:

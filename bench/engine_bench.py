@@ -1,0 +1,294 @@
+"""Decode throughput against the memory roofline, and the baselines, measured in one run.
+
+For each model shape, cache size and session count B: every session's slot is full (its ring has
+wrapped, so each step reads the whole cache), all B sessions generate, and the engine's own loop
+(scheduler, CUDA-graph step, output processing) is timed. The roofline is
+    tokens/s <= B * BW / (weight bytes + B * cache bytes per session)
+with BW the device's copy bandwidth (bytes read + written) measured in the same run.
+Baselines, same shape and dtype: HF transformers eager with a DynamicCache kept at sink + window
+by evicting one token per step (batch 1 and batched), and the paper's sliding window with
+re-computation (every token recomputed from the last sink + window tokens).
+
+    python bench/engine_bench.py --json docs/bench_engine.json --plot docs/throughput_vs_sessions.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from sinkcache.builder import EngineConfig, build_core
+from sinkcache.config import PRESETS, shape_to_hf_config
+from sinkcache.inputs import TokenInput
+from sinkcache.loader import load_model
+from sinkcache.sampling import GenerationParams
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    return 2 * n * 2 / sorted(times[5:])[len(times[5:]) // 2]
+
+
+class _Null:
+    def push(self, event) -> None:
+        pass
+
+    def fail(self, error) -> None:
+        raise error
+
+
+def engine_decode(
+    loaded, sink: int, window: int, sessions: int, steps: int, variant: str
+) -> dict[str, float]:
+    """Tokens/s of the engine loop with `sessions` full, wrapped slots all generating."""
+    config = EngineConfig(
+        model=loaded.name, sink=sink, window=window, slots=sessions, cuda_graphs=True
+    )
+    core = build_core(config, loaded)
+    arena = core.arena
+    with torch.no_grad():  # random cache contents (never time on zeros)
+        for t in (arena.k, arena.v):
+            t.normal_(0.0, 1.0)
+    temperature = 0.0 if variant == "greedy" else 1.0
+    params = GenerationParams(max_new_tokens=10**9, temperature=temperature, ignore_eos=True)
+    capacity = sink + window
+    for i in range(sessions):
+        session = core.open_session(f"s{i}")
+        stream_pos = 10**6 + 7 * i  # deep into the stream: the ring has wrapped many times
+        arena.seen[session.slot] = stream_pos
+        session.cached = stream_pos
+        core.submit(session.session_id, TokenInput((i % 1000,)), params, False, _Null())
+    for _ in range(8):  # prefill row for everyone, then graph capture and warm-up
+        core.step()
+    torch.cuda.synchronize()
+    assert len(core.scheduler.decoding) == sessions
+    start = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    # GPU time of the captured step alone (the CUDA graph), to separate host overhead.
+    graph = next(iter(core.runner._graphs.values()))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    graph_ms = begin.elapsed_time(end) / 20
+    filled = int(arena.seen[core.sessions["s0"].slot])
+    assert filled > capacity
+    del core, arena
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"step_ms": seconds * 1000, "graph_ms": graph_ms, "tokens_per_s": sessions / seconds}
+
+
+def hf_baseline(shape, sink: int, window: int, batch: int, steps: int) -> dict[str, float]:
+    """HF eager decode with a DynamicCache held at sink + window (evict one token per step)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shape_to_hf_config(shape), dtype=torch.bfloat16)
+    model = model.to("cuda").eval()
+    cfg = model.config
+    kv, dim, length = cfg.num_key_value_heads, cfg.head_dim, sink + window - 1
+    cache = DynamicCache()
+    for layer in range(cfg.num_hidden_layers):
+        k = torch.randn(batch, kv, length, dim, dtype=torch.bfloat16, device="cuda")
+        cache.update(k, torch.randn_like(k), layer)
+    ids = torch.randint(0, cfg.vocab_size, (batch, 1), device="cuda")
+    position = torch.full((batch, 1), length, device="cuda")
+
+    def step() -> None:
+        nonlocal ids
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, position_ids=position, use_cache=True)
+        ids = out.logits[:, -1:].argmax(-1)
+        for layer in cache.layers:  # evict the oldest recent token: keep sinks + window
+            layer.keys = torch.cat([layer.keys[:, :, :sink], layer.keys[:, :, sink + 1 :]], dim=2)
+            layer.values = torch.cat(
+                [layer.values[:, :, :sink], layer.values[:, :, sink + 1 :]], dim=2
+            )
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    model = cache = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"step_ms": seconds * 1000, "tokens_per_s": batch / seconds}
+
+
+def recompute_baseline(shape, span: int, steps: int = 10) -> float:
+    """ms per token for sliding window with re-computation: a fresh forward over `span` tokens."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shape_to_hf_config(shape), dtype=torch.bfloat16)
+    model = model.to("cuda").eval()
+    ids = torch.randint(0, shape.vocab_size, (1, span), device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+    del model
+    torch.cuda.empty_cache()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default="bench_engine.json")
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="a few configurations only")
+    args = parser.parse_args()
+
+    device = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"device {device}; copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    plans = {
+        "smollm2-135m": {1020: [1, 16, 64, 256, 1024, 2048], 2044: [1, 16, 64, 256, 1024, 2048]},
+        "llama3-8b": {1020: [1, 16, 64, 128, 256], 2044: [1, 16, 64, 128]},
+    }
+    if args.quick:
+        plans = {"smollm2-135m": {1020: [1, 256]}, "llama3-8b": {1020: [128]}}
+    rows = []
+    for preset, caches in plans.items():
+        shape = PRESETS[preset]
+        loaded = load_model(f"random:{preset}", torch.bfloat16, "cuda")
+        weight_bytes = shape.weight_bytes(2)
+        for window, batches in caches.items():
+            sink = 4
+            cache_bytes = shape.kv_bytes_per_token(2) * (sink + window)
+            free = torch.cuda.mem_get_info()[0]
+            for batch in batches:
+                if batch * cache_bytes > 0.85 * free:
+                    print(f"{preset} cache {sink}+{window} B={batch}: does not fit, skipped")
+                    continue
+                result = engine_decode(loaded, sink, window, batch, args.steps, "greedy")
+                roof = batch * bandwidth / (weight_bytes + batch * cache_bytes)
+                row = {
+                    "model": preset,
+                    "sink": sink,
+                    "window": window,
+                    "sessions": batch,
+                    **result,
+                    "roofline_tokens_per_s": roof,
+                    "pct_roofline": 100 * result["tokens_per_s"] / roof,
+                }
+                rows.append(row)
+                print(
+                    f"{preset:13s} cache {sink}+{window:<5d} B={batch:<5d} step {row['step_ms']:8.3f} ms"
+                    f" (graph {row['graph_ms']:7.3f})  {row['tokens_per_s']:10.0f} tok/s"
+                    f"  roofline {roof:10.0f}  {row['pct_roofline']:5.1f}%",
+                    flush=True,
+                )
+        del loaded
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    baselines = []
+    for preset, batches in {"smollm2-135m": [1, 64, 256], "llama3-8b": [1, 128]}.items():
+        if args.quick:
+            batches = batches[-1:]
+        for batch in batches:
+            hf = hf_baseline(PRESETS[preset], 4, 1020, batch, 10)
+            baselines.append({"model": preset, "sessions": batch, "sink": 4, "window": 1020, **hf})
+            print(
+                f"HF eager {preset:13s} B={batch:<4d} step {hf['step_ms']:8.2f} ms  {hf['tokens_per_s']:9.0f} tok/s",
+                flush=True,
+            )
+    recompute_ms = recompute_baseline(PRESETS["smollm2-135m"], 1024)
+    print(
+        f"sliding window with re-computation, SmolLM2 shape, 1024 tokens: {recompute_ms:.2f} ms/token"
+    )
+
+    out = {
+        "date": date.today().isoformat(),
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "engine": rows,
+        "hf_baseline": baselines,
+        "recompute_ms_per_token_smollm2_1024": recompute_ms,
+    }
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.plot:
+        plot(out, Path(args.plot))
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, preset in zip(axes, ("smollm2-135m", "llama3-8b"), strict=True):
+        for window in sorted({r["window"] for r in data["engine"] if r["model"] == preset}):
+            rows = [r for r in data["engine"] if r["model"] == preset and r["window"] == window]
+            xs = [r["sessions"] for r in rows]
+            ax.plot(
+                xs,
+                [r["tokens_per_s"] for r in rows],
+                marker="o",
+                label=f"sinkserve, cache 4+{window}",
+            )
+            ax.plot(
+                xs,
+                [r["roofline_tokens_per_s"] for r in rows],
+                linestyle="--",
+                label=f"roofline, cache 4+{window}",
+            )
+        hf = [r for r in data["hf_baseline"] if r["model"] == preset]
+        if hf:
+            ax.plot(
+                [r["sessions"] for r in hf],
+                [r["tokens_per_s"] for r in hf],
+                marker="x",
+                label="HF eager, cache 4+1020",
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent sessions")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{preset} shape, bf16, {data['device']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

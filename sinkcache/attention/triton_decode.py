@@ -1,0 +1,428 @@
+"""Decode attention over sink + ring arena slots: a fused Triton kernel (flash-decoding).
+
+Decoding is memory-bound, so the kernel is built to read each active slot's valid K/V exactly once
+per step. One program owns one (row, kv_head, split): it loads the group's G query heads once and
+streams BLOCK_N positions at a time straight out of the arena slot (no gather copy), keeping an
+online softmax in fp32. Keys at index < sink meet `q_sink`, all others `q` (see reference.py); only
+the tile(s) covering index < sink compute that second product.
+
+When B * Hkv programs are too few to fill the GPU, the cache length is split across programs and a
+small second kernel merges the partial (log-sum-exp, output) pairs. The split count comes from
+shapes alone (B, Hkv, C), never from `seen`, so the launch is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Split-K rule, from CUDA-graph replay timings on an H100 (SmolLM2 and Llama-3-8B heads, C = 1024
+# and 2048, full slots; see bench/kernel_check.py --sweep). With P = B * Hkv programs:
+# - P < SMs / 2: the cache streams latency-bound; split until TARGET_WAVES waves of programs
+#   (Llama C=2048: P=8 32 -> 11 us; P=32 48 -> 20 us; SmolLM2 C=2048 P=48 20 -> 16 us);
+# - SMs / 2 <= P < SMs: 2 splits gain up to 20% (Llama P=96 56 -> 45 us, P=128 61 -> 55 us), more
+#   splits lose it again in the merge (SmolLM2 P=96: 25 us whole, 27 us in 3);
+# - P >= SMs: no split (P=144..192: 1-2 us worse split, at 20-80 us).
+TARGET_WAVES = 2
+MIN_TILES_PER_SPLIT = 1
+MAX_SPLITS = 64
+
+
+# Two workarounds for Triton 3.6's interpreter (the CPU test path), selected by INTERPRETER:
+# - tensor loop bounds fail under numpy >= 2.4 (triton-lang/triton#9171), so loops run a fixed trip
+#   count from the host (MAX_TILES) and the tiles past the data are fully masked;
+# - its tl.dot multiplies bf16 operands as raw uint16 bits, so operands are upcast to fp32 first,
+#   which is exact: bf16 values are fp32 values and the GPU accumulates in fp32 too.
+
+
+@triton.jit
+def tile_count(length, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr, MAX_TILES: tl.constexpr):
+    """Trip count of a loop over `length` positions in tiles of BLOCK_N.
+
+    Call it inside `range(...)`: the interpreter turns every assigned value into a tensor.
+    """
+    if INTERPRETER:
+        return MAX_TILES
+    else:
+        return tl.cdiv(tl.maximum(length, 0), BLOCK_N)
+
+
+@triton.jit
+def dot_f32(a, b, INTERPRETER: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 operands stay fp32 (no tf32)."""
+    if INTERPRETER:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [GROUP_PAD, HEAD_DIM] input dtype
+    q_sink,  # [GROUP_PAD, HEAD_DIM] input dtype
+    k_base,
+    v_base,
+    stride_k_pos,
+    stride_v_pos,
+    start,
+    end,
+    m_i,  # [GROUP_PAD] fp32, running max (log2 units)
+    l_i,  # [GROUP_PAD] fp32, running sum
+    acc,  # [GROUP_PAD, HEAD_DIM] fp32
+    qk_scale,
+    SINK: tl.constexpr,
+    SINK_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Fold keys [start, start + BLOCK_N) ∩ [0, end) into the running softmax state."""
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = pos < end
+    k = tl.load(
+        k_base + pos[:, None] * stride_k_pos + offs_d[None, :], mask=in_range[:, None], other=0.0
+    )  # [BLOCK_N, HEAD_DIM]
+    v = tl.load(
+        v_base + pos[:, None] * stride_v_pos + offs_d[None, :], mask=in_range[:, None], other=0.0
+    )  # [BLOCK_N, HEAD_DIM]
+    if USE_DOT:
+        scores = dot_f32(q, tl.trans(k), INTERPRETER)  # [GROUP_PAD, BLOCK_N]
+    else:
+        scores = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+    if SINK_TILE:
+        if USE_DOT:
+            sink_scores = dot_f32(q_sink, tl.trans(k), INTERPRETER)
+        else:
+            sink_scores = tl.sum(
+                q_sink[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2
+            )
+        scores = tl.where((pos < SINK)[None, :], sink_scores, scores)
+    scores = tl.where(in_range[None, :], scores * qk_scale, float("-inf"))
+    # The first tile of a split always holds a valid key, so m_new is finite from then on.
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])  # [GROUP_PAD, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        pv = dot_f32(p.to(v.dtype), v, INTERPRETER)
+    else:
+        pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    q_sink_ptr,
+    k_ptr,
+    v_ptr,
+    slots_ptr,
+    seen_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    stride_q_row,
+    stride_q_head,
+    stride_qs_row,
+    stride_qs_head,
+    stride_k_slot,
+    stride_k_head,
+    stride_k_pos,
+    stride_v_slot,
+    stride_v_head,
+    stride_v_pos,
+    stride_o_row,
+    stride_o_head,
+    heads,
+    capacity,
+    split_len,
+    num_splits,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SINK: tl.constexpr,
+    SINK_TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+    MAX_TILES: tl.constexpr,
+):
+    """One (row, kv_head, split): attend the group's queries to the split's keys in the row's slot.
+
+    The splits partition the recent region [sink_end, C) into runs of `split_len` positions; split
+    0 also owns the sink tiles [0, sink_end), the only ones that need the q_sink product.
+    """
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    sink_end: tl.constexpr = SINK_TILES * BLOCK_N
+    # Valid keys are physical indices < min(seen, C); capacity fits in int32.
+    n_valid = tl.minimum(tl.load(seen_ptr + row), capacity).to(tl.int32)
+    lo = sink_end + split * split_len
+    if (split == 0) | (lo < n_valid):
+        hi = tl.minimum(lo + split_len, n_valid)
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        k_base = k_ptr + slot * stride_k_slot + kv_head.to(tl.int64) * stride_k_head
+        v_base = v_ptr + slot * stride_v_slot + kv_head.to(tl.int64) * stride_v_head
+
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        head = kv_head * GROUP + offs_g  # [GROUP_PAD]
+        in_group = offs_g < GROUP
+        row64 = row.to(tl.int64)
+        q = tl.load(
+            q_ptr + row64 * stride_q_row + head[:, None] * stride_q_head + offs_d[None, :],
+            mask=in_group[:, None],
+            other=0.0,
+        )  # [GROUP_PAD, HEAD_DIM]
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        if SINK > 0:  # noqa: SIM102 (compile-time test, then a run-time one)
+            if split == 0:
+                q_sink = tl.load(
+                    q_sink_ptr
+                    + row64 * stride_qs_row
+                    + head[:, None] * stride_qs_head
+                    + offs_d[None, :],
+                    mask=in_group[:, None],
+                    other=0.0,
+                )  # [GROUP_PAD, HEAD_DIM]
+                for tile in range(SINK_TILES):
+                    m_i, l_i, acc = _attend_tile(
+                        q, q_sink, k_base, v_base, stride_k_pos, stride_v_pos,
+                        tile * BLOCK_N, n_valid, m_i, l_i, acc, qk_scale,
+                        SINK, True, BLOCK_N, HEAD_DIM, USE_DOT, INTERPRETER,
+                    )  # fmt: skip
+        for tile in range(tile_count(hi - lo, BLOCK_N, INTERPRETER, MAX_TILES)):
+            m_i, l_i, acc = _attend_tile(
+                q, q, k_base, v_base, stride_k_pos, stride_v_pos,
+                lo + tile * BLOCK_N, hi, m_i, l_i, acc, qk_scale,
+                SINK, False, BLOCK_N, HEAD_DIM, USE_DOT, INTERPRETER,
+            )  # fmt: skip
+
+        out = acc / l_i[:, None]
+        if SINGLE_SPLIT:
+            o_ptrs = (
+                out_ptr + row64 * stride_o_row + head[:, None] * stride_o_head + offs_d[None, :]
+            )
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+        else:
+            # partials: lse [B, H, splits], out [B, H, splits, D], both fp32 and contiguous.
+            part = (row64 * heads + head) * num_splits + split  # [GROUP_PAD]
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=in_group)
+            tl.store(
+                part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                out,
+                mask=in_group[:, None],
+            )
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    seen_ptr,
+    out_ptr,
+    stride_o_row,
+    stride_o_head,
+    heads,
+    capacity,
+    sink_end,
+    split_len,
+    num_splits,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """One (row, head): merge the partial outputs of the splits that held valid keys."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    n_valid = tl.minimum(tl.load(seen_ptr + row), capacity).to(tl.int32)
+    # Split 0 always ran; split s > 0 ran iff its first position sink_end + s * split_len < n_valid.
+    n_active = tl.maximum(tl.cdiv(tl.maximum(n_valid - sink_end, 0), split_len), 1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    active = offs_s < n_active
+    part = (row * heads + head) * num_splits + offs_s  # [SPLITS_PAD]
+    lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))
+    weight = weight / tl.sum(weight, axis=0)
+    part_out = tl.load(
+        part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=active[:, None], other=0.0
+    )  # [SPLITS_PAD, HEAD_DIM]
+    out = tl.sum(weight[:, None] * part_out, axis=0)
+    tl.store(
+        out_ptr + row * stride_o_row + head * stride_o_head + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+    )
+
+
+def running_interpreted(kernel) -> bool:
+    """True when Triton's interpreter runs `kernel` (TRITON_INTERPRET=1 when triton was imported)."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: plan as for an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(
+    batch: int, kv_heads: int, capacity: int, sink: int, block_n: int, sm_count: int
+) -> int:
+    """How many programs share one (row, kv_head)'s cache, from shapes alone (no `seen`).
+
+    See the split-K rule at the top of this module.
+    """
+    programs = max(1, batch * kv_heads)
+    if programs >= sm_count:
+        return 1
+    if 2 * programs >= sm_count:
+        splits = 2
+    else:
+        splits = triton.cdiv(TARGET_WAVES * sm_count, programs)
+    recent_tiles = _recent_tiles(capacity, sink, block_n)
+    splits = max(1, min(splits, recent_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    return _split_layout(recent_tiles, splits)[0]
+
+
+def _recent_tiles(capacity: int, sink: int, block_n: int) -> int:
+    """Tiles past the sink tiles: what the splits share."""
+    return triton.cdiv(max(capacity - triton.cdiv(sink, block_n) * block_n, 0), block_n)
+
+
+def _split_layout(recent_tiles: int, splits: int) -> tuple[int, int]:
+    """(splits, tiles per split) with no split starting past the cache."""
+    tiles_per_split = max(1, triton.cdiv(recent_tiles, max(1, splits)))
+    return max(1, triton.cdiv(recent_tiles, tiles_per_split)), tiles_per_split
+
+
+def default_config(head_dim: int) -> dict:
+    """Tile and launch options for the H100, from bench/kernel_check.py --sweep (graph replay).
+
+    USE_DOT: the group (G <= 8 rows) is padded to 16 rows so QK^T and PV run on the tensor cores;
+    the padding costs nothing in a memory-bound kernel. The broadcast-multiply + tl.sum form holds
+    a [G, BLOCK_N, D] fp32 product in registers, so it needs tiny tiles (few bytes in flight): at
+    D=64 it ran 4-6x slower (SmolLM2 shapes, B=16: 69 us vs 16 us; B=256: 833 us vs 143 us), and
+    at D=128 it would spill. Tiles of 32-128 keys with 4 warps all ran within ~5% of each other.
+    """
+    if head_dim >= 128:
+        return {"block_n": 64, "num_warps": 4, "num_stages": 2, "use_dot": True}
+    return {"block_n": 128, "num_warps": 4, "num_stages": 3, "use_dot": True}
+
+
+def decode_attention_launch(
+    q: torch.Tensor,
+    q_sink: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seen: torch.Tensor,
+    sink: int,
+    scale: float,
+    *,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool | None = None,
+    out: torch.Tensor | None = None,
+    poison_partials: bool = False,
+) -> torch.Tensor:
+    """decode_attention with the launch choices exposed (tests use small tiles and forced splits).
+
+    `poison_partials` fills the split partials with NaN first, so a merge that reads one no split
+    wrote shows up in the output (tests only).
+    """
+    batch, heads, head_dim = q.shape
+    _, kv_heads, capacity, _ = k_cache.shape
+    group = heads // kv_heads
+    assert heads == group * kv_heads, "query heads must be a multiple of kv heads"
+    assert head_dim & (head_dim - 1) == 0 and head_dim >= 16, (
+        "head_dim must be a power of two >= 16"
+    )
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "arena rows must be contiguous"
+    assert 0 <= sink <= capacity
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    q_sink = q_sink if q_sink.stride(-1) == 1 else q_sink.contiguous()
+    if out is None:
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # [B, H, D]
+    if batch == 0:
+        return out
+
+    config = default_config(head_dim)
+    block_n = block_n or config["block_n"]
+    use_dot = config["use_dot"] if use_dot is None else use_dot
+    sink_tiles = triton.cdiv(sink, block_n)
+    sink_end = sink_tiles * block_n
+    if num_splits is None:
+        num_splits = plan_splits(batch, kv_heads, capacity, sink, block_n, _sm_count(q.device))
+    num_splits, tiles_per_split = _split_layout(_recent_tiles(capacity, sink, block_n), num_splits)
+    split_len = tiles_per_split * block_n
+    group_pad = max(triton.next_power_of_2(group), 16 if use_dot else 1)
+
+    single = num_splits == 1
+    interpreter = running_interpreted(_decode_split_kernel)
+    if single:
+        part_out = part_lse = out  # unused
+    else:
+        part_lse = torch.empty((batch, heads, num_splits), device=q.device, dtype=torch.float32)
+        part_out = torch.empty(
+            (batch, heads, num_splits, head_dim), device=q.device, dtype=torch.float32
+        )
+        if poison_partials:
+            part_lse.fill_(float("nan"))
+            part_out.fill_(float("nan"))
+    _decode_split_kernel[(batch, kv_heads, num_splits)](
+        q, q_sink, k_cache, v_cache, slots, seen, out, part_out, part_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), q_sink.stride(0), q_sink.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        heads, capacity, split_len, num_splits,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SINK=sink, SINK_TILES=sink_tiles,
+        BLOCK_N=block_n, SINGLE_SPLIT=single, USE_DOT=use_dot,
+        INTERPRETER=interpreter, MAX_TILES=tiles_per_split if interpreter else 0,
+        num_warps=num_warps or config["num_warps"],
+        num_stages=num_stages or config["num_stages"],
+    )  # fmt: skip
+    if not single:
+        _decode_merge_kernel[(batch, heads)](
+            part_out, part_lse, seen, out,
+            out.stride(0), out.stride(1),
+            heads, capacity, sink_end, split_len, num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            num_warps=4 if head_dim >= 128 else 2,
+        )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    q_sink: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seen: torch.Tensor,
+    sink: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row. q, q_sink [B, H, D]; slots, seen [B] -> [B, H, D] in q's dtype.
+
+    Same function as reference.decode_attention: keys j < min(seen, C) of slot `slots[b]`.
+    """
+    return decode_attention_launch(q, q_sink, k_cache, v_cache, slots, seen, sink, scale)
