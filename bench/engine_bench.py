@@ -108,8 +108,9 @@ def hf_baseline(shape, sink: int, window: int, batch: int, steps: int) -> dict[s
     from transformers import AutoModelForCausalLM, DynamicCache
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(shape_to_hf_config(shape), dtype=torch.bfloat16)
-    model = model.to("cuda").eval()
+    with torch.device("cuda"):  # initialise on the GPU: an 8B model on the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(shape_to_hf_config(shape), dtype=torch.bfloat16)
+    model = model.eval()
     cfg = model.config
     kv, dim, length = cfg.num_key_value_heads, cfg.head_dim, sink + window - 1
     cache = DynamicCache()
@@ -149,8 +150,9 @@ def recompute_baseline(shape, span: int, steps: int = 10) -> float:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(shape_to_hf_config(shape), dtype=torch.bfloat16)
-    model = model.to("cuda").eval()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(shape_to_hf_config(shape), dtype=torch.bfloat16)
+    model = model.eval()
     ids = torch.randint(0, shape.vocab_size, (1, span), device="cuda")
     with torch.no_grad():
         for _ in range(2):

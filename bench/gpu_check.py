@@ -30,14 +30,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check_backends(loaded) -> float:
+def check_backends(loaded, dtype: torch.dtype) -> float:
+    """Worst relative error of Triton-backend logits against the reference backend."""
     geometry = CacheGeometry(4, 60)
     worst = 0.0
     rng = random.Random(0)
     arenas = {}
     runners = {}
     for name, backend in (("reference", REFERENCE), ("triton", triton_backend())):
-        arenas[name] = KVArena(loaded.shape, geometry, 8, torch.bfloat16, "cuda")
+        arenas[name] = KVArena(loaded.shape, geometry, 8, dtype, "cuda")
         runners[name] = ModelRunner(loaded.model, arenas[name], backend)
     streams = [[rng.randrange(loaded.shape.vocab_size) for _ in range(400)] for _ in range(6)]
     fed = [0] * 6
@@ -125,12 +126,17 @@ class _Collect:
 
 def main() -> int:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    loaded = load_model("random:smollm2-135m", torch.bfloat16, "cuda")
     failures = []
-    err = check_backends(loaded)
-    print(f"triton vs reference, mixed steps: rel err {err:.2e}")
-    if not err < 1e-2:
-        failures.append("backend mismatch")
+    # fp32 isolates logic from rounding; bf16 adds 30 layers of bf16 rounding (p@V in bf16, as
+    # flash attention does), so its bound is looser.
+    for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        loaded = load_model("random:smollm2-135m", dtype, "cuda")
+        err = check_backends(loaded, dtype)
+        print(
+            f"triton vs reference backend, {dtype}, mixed steps: rel err {err:.2e} (bound {bound})"
+        )
+        if not err < bound:
+            failures.append(f"backend mismatch in {dtype}")
 
     rng = random.Random(1)
     prompts = [

@@ -4,6 +4,10 @@ Reads top to bottom like gpt-fast: RMSNorm, Attention, FeedForward, Block, Trans
 forward takes a flat batch of tokens from many sessions (decode rows first, then prefill chunks),
 writes their keys and values into the arena, and attends over each token's slot. q/k/v and
 gate/up projections are fused into single matmuls.
+
+Everything between the matmuls is a fused op of the backend (PyTorch on CPU, Triton on CUDA), so
+a layer is about ten kernels. The residual stream runs beside the hidden state, vLLM style: each
+norm adds the previous sublayer's output into the residual and normalises the sum in one op.
 """
 
 from __future__ import annotations
@@ -12,12 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from sinkcache.arena import KVArena
 from sinkcache.attention.backend import AttentionBackend
 from sinkcache.config import ModelShape
-from sinkcache.rope import apply_rotary
 
 
 @dataclass
@@ -46,15 +48,18 @@ class ForwardBatch:
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the backend's add_rms_norm does the work (with the residual add)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, backend: AttentionBackend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised residual + x, residual + x); residual None means x starts the stream."""
+        return backend.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -67,67 +72,75 @@ class Attention(nn.Module):
             shape.head_dim,
         )
         q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(shape.hidden_size, sum(self.split), bias=shape.qkv_bias)
+        self.qkv_proj = nn.Linear(shape.hidden_size, q_size + 2 * kv_size, bias=shape.qkv_bias)
         self.o_proj = nn.Linear(q_size, shape.hidden_size, bias=False)
         self.scale = shape.head_dim**-0.5
 
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, arena: KVArena, attn: AttentionBackend
+        self, x: torch.Tensor, batch: ForwardBatch, arena: KVArena, backend: AttentionBackend
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q_sink = apply_rotary(q, batch.sink_cos, batch.sink_sin)
-        q = apply_rotary(q, batch.cos, batch.sin)
-        k = apply_rotary(k, batch.cos, batch.sin)
-
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
         k_cache, v_cache = arena.layer(self.layer)  # [slots + 1, Hkv, C, D]
-        k_cache[batch.slots, :, batch.write_index] = k.to(k_cache.dtype)
-        v_cache[batch.slots, :, batch.write_index] = v.to(v_cache.dtype)
+        # Rotates q (twice: recent and sink positions) and k; writes k, v into the arena.
+        q, q_sink = backend.rope_store(
+            qkv,
+            batch.cos,
+            batch.sin,
+            batch.sink_cos,
+            batch.sink_sin,
+            k_cache,
+            v_cache,
+            batch.slots,
+            batch.write_index,
+            self.num_heads,
+            self.num_kv_heads,
+        )  # [T, H, D] each
 
         geometry = arena.geometry
-        out = torch.empty_like(q)
         nd = batch.num_decode
+        parts = []  # decode rows, then prefill chunks: [rows, H, D] each
         if nd:
-            out[:nd] = attn.decode(
-                q[:nd],
-                q_sink[:nd],
-                k_cache,
-                v_cache,
-                batch.decode_slots,
-                batch.decode_seen,
-                geometry.sink,
-                self.scale,
+            parts.append(
+                backend.decode(
+                    q[:nd],
+                    q_sink[:nd],
+                    k_cache,
+                    v_cache,
+                    batch.decode_slots,
+                    batch.decode_seen,
+                    geometry.sink,
+                    self.scale,
+                )
             )
         if tokens > nd:
-            out[nd:] = attn.prefill(
-                q[nd:],
-                q_sink[nd:],
-                k_cache,
-                v_cache,
-                batch.prefill_slots,
-                batch.prefill_cu_seqlens,
-                batch.prefill_seen,
-                geometry.sink,
-                geometry.window,
-                self.scale,
+            parts.append(
+                backend.prefill(
+                    q[nd:],
+                    q_sink[nd:],
+                    k_cache,
+                    v_cache,
+                    batch.prefill_slots,
+                    batch.prefill_cu_seqlens,
+                    batch.prefill_seen,
+                    geometry.sink,
+                    geometry.window,
+                    self.scale,
+                )
             )
+        # A decode-only or prefill-only step (every CUDA-graph step) skips the concatenation.
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
         return self.o_proj(out.view(tokens, -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
-        self.intermediate = shape.intermediate_size
         self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        return self.down_proj(backend.silu_mul(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
@@ -139,10 +152,18 @@ class Block(nn.Module):
         self.mlp = FeedForward(shape)
 
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, arena: KVArena, attn: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x), batch, arena, attn)
-        return x + self.mlp(self.post_attention_norm(x))
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        arena: KVArena,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it): the next norm adds the two."""
+        hidden, residual = self.input_norm(hidden, residual, backend)
+        hidden = self.attention(hidden, batch, arena, backend)
+        hidden, residual = self.post_attention_norm(hidden, residual, backend)
+        return self.mlp(hidden, backend), residual
 
 
 class Transformer(nn.Module):
@@ -157,10 +178,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, arena: KVArena, attn: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, arena: KVArena, backend: AttentionBackend
+    ) -> torch.Tensor:
         """Returns next-token logits [L, vocab] (float32) for `batch.logits_index`."""
-        x = self.embed_tokens(batch.token_ids)
+        hidden, residual = self.embed_tokens(batch.token_ids), None  # [T, hidden]
         for block in self.layers:
-            x = block(x, batch, arena, attn)
-        x = self.norm(x[batch.logits_index])
-        return self.lm_head(x).float()
+            hidden, residual = block(hidden, residual, batch, arena, backend)
+        hidden, _ = self.norm(hidden, residual, backend)  # row-wise, so norm all rows, then pick
+        return self.lm_head(hidden[batch.logits_index]).float()

@@ -1,4 +1,8 @@
-"""Choose the attention implementation for a device: Triton kernels on CUDA, PyTorch elsewhere."""
+"""Choose the kernels for a device: Triton on CUDA, PyTorch elsewhere.
+
+A backend is every device-specific function the model's forward calls: attention over arena slots
+and the fused element-wise ops around the matmuls (sinkcache.ops).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,43 @@ from dataclasses import dataclass
 import torch
 
 from sinkcache.attention import reference
+from sinkcache.ops import reference as ops_reference
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """A pair of functions with the signatures of sinkcache.attention.reference."""
+    """Functions with the signatures of sinkcache.attention.reference (decode, prefill) and
+    sinkcache.ops.reference (add_rms_norm, rope_store, silu_mul)."""
 
     name: str
     decode: Callable[..., torch.Tensor]
     prefill: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rope_store: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[..., torch.Tensor]
 
 
-REFERENCE = AttentionBackend("reference", reference.decode_attention, reference.prefill_attention)
+REFERENCE = AttentionBackend(
+    "reference",
+    decode=reference.decode_attention,
+    prefill=reference.prefill_attention,
+    add_rms_norm=ops_reference.add_rms_norm,
+    rope_store=ops_reference.rope_store,
+    silu_mul=ops_reference.silu_mul,
+)
 
 
 def triton_backend() -> AttentionBackend:
     from sinkcache.attention import triton_decode, triton_prefill
+    from sinkcache.ops import triton_fused
 
     return AttentionBackend(
-        "triton", triton_decode.decode_attention, triton_prefill.prefill_attention
+        "triton",
+        decode=triton_decode.decode_attention,
+        prefill=triton_prefill.prefill_attention,
+        add_rms_norm=triton_fused.add_rms_norm,
+        rope_store=triton_fused.rope_store,
+        silu_mul=triton_fused.silu_mul,
     )
 
 
