@@ -1,0 +1,1 @@
+"""Generated gRPC code for the sinkserve.v1 contract (see protos/generate.py)."""
