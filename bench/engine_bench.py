@@ -184,7 +184,21 @@ def main() -> None:
     }
     if args.quick:
         plans = {"smollm2-135m": {1020: [1, 256]}, "llama3-8b": {1020: [128]}}
-    rows = []
+    rows: list[dict] = []
+    baselines: list[dict] = []
+    out = {
+        "date": date.today().isoformat(),
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "engine": rows,
+        "hf_baseline": baselines,
+    }
+
+    def save() -> None:  # after every row, so a crash keeps what was measured
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
     for preset, caches in plans.items():
         shape = PRESETS[preset]
         loaded = load_model(f"random:{preset}", torch.bfloat16, "cuda")
@@ -209,6 +223,7 @@ def main() -> None:
                     "pct_roofline": 100 * result["tokens_per_s"] / roof,
                 }
                 rows.append(row)
+                save()
                 print(
                     f"{preset:13s} cache {sink}+{window:<5d} B={batch:<5d} step {row['step_ms']:8.3f} ms"
                     f" (graph {row['graph_ms']:7.3f})  {row['tokens_per_s']:10.0f} tok/s"
@@ -219,13 +234,13 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    baselines = []
     for preset, batches in {"smollm2-135m": [1, 64, 256], "llama3-8b": [1, 128]}.items():
         if args.quick:
             batches = batches[-1:]
         for batch in batches:
             hf = hf_baseline(PRESETS[preset], 4, 1020, batch, 10)
             baselines.append({"model": preset, "sessions": batch, "sink": 4, "window": 1020, **hf})
+            save()
             print(
                 f"HF eager {preset:13s} B={batch:<4d} step {hf['step_ms']:8.2f} ms  {hf['tokens_per_s']:9.0f} tok/s",
                 flush=True,
@@ -235,17 +250,8 @@ def main() -> None:
         f"sliding window with re-computation, SmolLM2 shape, 1024 tokens: {recompute_ms:.2f} ms/token"
     )
 
-    out = {
-        "date": date.today().isoformat(),
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "engine": rows,
-        "hf_baseline": baselines,
-        "recompute_ms_per_token_smollm2_1024": recompute_ms,
-    }
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    out["recompute_ms_per_token_smollm2_1024"] = recompute_ms
+    save()
     if args.plot:
         plot(out, Path(args.plot))
 
