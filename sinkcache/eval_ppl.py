@@ -181,6 +181,16 @@ def evaluate(
     return result
 
 
+def cache_description(mode: str, sink: int, window: int) -> str:
+    """What the cache holds in each mode, for tables and plot labels."""
+    return {
+        "streaming": f"{sink} sinks + {window} recent",
+        "window": f"{sink + window} recent, no sinks",
+        "recompute": f"last {sink + window} recomputed",
+        "dense": "everything",
+    }[mode]
+
+
 def _ppl(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll)) if nll else math.nan
 
@@ -209,7 +219,7 @@ def plot(results: list[EvalResult], path: Path, train_window: int | None = None)
     for r in results:
         xs = [s["end"] for s in r.segments]
         ys = [s["ppl"] for s in r.segments]
-        label = f"{r.mode} (S={r.sink if r.mode != 'window' else 0}, ppl {r.ppl:.2f})"
+        label = f"{r.mode}: {cache_description(r.mode, r.sink, r.window)} (ppl {r.ppl:.2f})"
         ax.plot(xs, ys, marker=".", label=label)
     if train_window:
         ax.axvline(

@@ -40,6 +40,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         cuda_graphs=not args.no_cuda_graphs,
+        max_step_tokens=args.step_tokens,
     )
     device = base.resolved_device()
     console = Console(stderr=True)
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="write a PNG plot of perplexity over the stream here")
     ev.add_argument("--nll-out", help="write per-token NLL (TSV) here")
     ev.add_argument("--recompute-slots", type=int, default=64, help="windows recomputed at once")
+    ev.add_argument("--step-tokens", type=int, default=None, help="token budget per engine step")
     ev.set_defaults(run=_eval_ppl)
     return parser
 
