@@ -219,7 +219,8 @@ def plot(results: list[EvalResult], path: Path, train_window: int | None = None)
     for r in results:
         xs = [s["end"] for s in r.segments]
         ys = [s["ppl"] for s in r.segments]
-        label = f"{r.mode}: {cache_description(r.mode, r.sink, r.window)} (ppl {r.ppl:.2f})"
+        chunk = f", chunk {r.chunk}" if r.chunk != 1 else ""
+        label = f"{r.mode}: {cache_description(r.mode, r.sink, r.window)}{chunk} (ppl {r.ppl:.2f})"
         ax.plot(xs, ys, marker=".", label=label)
     if train_window:
         ax.axvline(
@@ -229,7 +230,7 @@ def plot(results: list[EvalResult], path: Path, train_window: int | None = None)
     ax.set_xlabel("tokens streamed")
     ax.set_ylabel("perplexity (per segment)")
     r0 = results[0]
-    ax.set_title(f"{r0.model}: {r0.text}, cache {r0.sink}+{r0.window}, chunk {r0.chunk}")
+    ax.set_title(f"{r0.model} model, {r0.text}, cache {r0.sink}+{r0.window}, fed 1 token per step")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
