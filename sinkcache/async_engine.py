@@ -22,7 +22,13 @@ from typing import Any
 from sinkcache.engine import EngineCore
 from sinkcache.inputs import AppendInput
 from sinkcache.sampling import GenerationParams
-from sinkcache.session import EngineStoppedError, Event, TokensEvent, TurnEndEvent
+from sinkcache.session import (
+    EngineStoppedError,
+    Event,
+    SessionNotFoundError,
+    TokensEvent,
+    TurnEndEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_flush = 0.0
+        self._steps_taken = 0
         self.error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -116,40 +123,40 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     # -- API ---------------------------------------------------------------------------------------
+    def _info(self, session) -> SessionInfo:
+        geometry = self.core.arena.geometry
+        return SessionInfo(
+            session.session_id,
+            session.slot,
+            geometry.capacity,
+            geometry.sink,
+            geometry.window,
+            session.stream_pos,
+        )
+
     async def open_session(
         self, session_id: str | None = None, stream_base: int = 0
     ) -> SessionInfo:
         session_id = session_id or uuid.uuid4().hex
-        geometry = self.core.arena.geometry
+        return await self._call(lambda: self._info(self.core.open_session(session_id, stream_base)))
 
-        def run() -> SessionInfo:
-            session = self.core.open_session(session_id, stream_base)
-            return SessionInfo(
-                session_id,
-                session.slot,
-                geometry.capacity,
-                geometry.sink,
-                geometry.window,
-                session.stream_pos,
-            )
+    async def session_info(self, session_id: str, settled: bool = False) -> SessionInfo:
+        """The session's state; `settled` waits until its running and queued requests are done
+        (so the stream position is final, e.g. for a client resuming after a drop)."""
+        if not settled:
+            return await self._call(lambda: self._info(self.core.session(session_id)))
+        loop = self._loop
+        future: asyncio.Future[SessionInfo] = loop.create_future()
 
-        return await self._call(run)
+        def on_idle(session) -> None:
+            if session is None:
+                error = SessionNotFoundError(f"session {session_id!r} was closed")
+                loop.call_soon_threadsafe(_set_exception, future, error)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, self._info(session))
 
-    async def session_info(self, session_id: str) -> SessionInfo:
-        geometry = self.core.arena.geometry
-
-        def run() -> SessionInfo:
-            session = self.core.session(session_id)
-            return SessionInfo(
-                session_id,
-                session.slot,
-                geometry.capacity,
-                geometry.sink,
-                geometry.window,
-                session.stream_pos,
-            )
-
-        return await self._call(run)
+        await self._call(lambda: self.core.when_idle(session_id, on_idle))
+        return await future
 
     async def append(
         self,
@@ -197,6 +204,14 @@ class AsyncEngine:
             "step_ms_p50": 1000 * sorted(recent)[len(recent) // 2] if recent else 0.0,
             "kv_bytes": arena.nbytes(),
         }
+
+    def take_step_seconds(self) -> list[float]:
+        """Step durations recorded since the last call (at most the last 4096), for histograms."""
+        counters = self.core.counters
+        new = counters.steps - self._steps_taken
+        self._steps_taken = counters.steps
+        samples = list(counters.step_seconds)
+        return samples[-new:] if new > 0 else []
 
     # -- plumbing ----------------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:

@@ -160,6 +160,21 @@ class EngineCore:
         self.scheduler.drop(session)
         self.arena.release(session.slot)
         del self.sessions[session.session_id]
+        self._notify_idle(session, closed=True)
+
+    def when_idle(self, session_id: str, callback: Any) -> None:
+        """Call `callback(session)` once the session has no request running or queued
+        (`callback(None)` if it closes first)."""
+        session = self.session(session_id)
+        session.idle_waiters.append(callback)
+        self._notify_idle(session)
+
+    @staticmethod
+    def _notify_idle(session: Session, closed: bool = False) -> None:
+        if closed or (session.active is None and not session.queue):
+            waiters, session.idle_waiters = session.idle_waiters, []
+            for callback in waiters:
+                callback(None if closed else session)
 
     def held_tokens(self, session_id: str) -> list[int]:
         """The ids a session's cache holds plus its pending tokens (to rebuild it elsewhere)."""
@@ -340,6 +355,7 @@ class EngineCore:
             self._release(session)
         else:
             self._activate(session)
+            self._notify_idle(session)
 
     def _end(
         self,

@@ -121,6 +121,7 @@ class Session:
     state: SessionState = SessionState.IDLE
     open_reply: int | None = None  # a reply a chat turn must close: its EOS token id, or -1
     closing: bool = False
+    idle_waiters: list[Any] = field(default_factory=list)  # called with the session once idle
 
     @property
     def stream_pos(self) -> int:

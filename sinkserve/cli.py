@@ -90,6 +90,123 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Start (or join) a Ray cluster, deploy the app, print `ready`, stop cleanly on a signal."""
+    import os
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.settings import AppSettings
+    from sinkserve.health import wait_serving
+
+    local = args.address is None
+    settings = AppSettings(
+        model=args.model,
+        sink=args.sink,
+        window=args.window,
+        replicas=args.replicas,
+        slots=args.slots,
+        kv_memory_gib=args.kv_memory_gib,
+        dtype=args.dtype,
+        device=args.device,
+        cuda_graphs=not args.no_cuda_graphs,
+        host=args.host,
+        port=args.port,
+        session_ttl_s=args.session_ttl,
+    )
+    if args.device in ("auto", "cpu") and not _has_cuda():
+        settings.torch_threads = max(1, (os.cpu_count() or 1) // max(1, args.replicas))
+    ray.init(
+        address=args.address,
+        include_dashboard=False,
+        namespace="sinkserve",
+        log_to_driver=args.verbose,
+        **({"num_cpus": max(4, os.cpu_count() or 1)} if local else {}),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app(settings), name=settings.application, route_prefix=None)
+        client_address = (
+            f"{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        )
+        wait_serving(client_address, replicas=args.replicas, timeout_s=600)
+        print(
+            f"ready {client_address} (model {args.model}, {args.replicas} replica(s))", flush=True
+        )
+        while not stop.wait(1.0):
+            pass
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """An interactive chat that streams each reply as it is generated."""
+    from sinkserve.client import GenerationParams, Session, SessionError
+
+    try:
+        if args.session:
+            if not args.resume_token:
+                raise SystemExit("--session needs --resume-token")
+            session = Session.resume(args.target, args.session, args.resume_token)
+        else:
+            session = Session.open(args.target)
+    except SessionError as error:
+        raise SystemExit(f"cannot start the session: {error}") from None
+    opened = session.opened
+    print(
+        f"session {opened.session_id} on replica {opened.replica_id} "
+        f"(cache {opened.sink_tokens}+{opened.window_tokens}, stream position {opened.stream_position})\n"
+        f"resume with: --session {opened.session_id} --resume-token {opened.resume_token}\n"
+        "type a message; /close ends the session, Ctrl-D leaves it running",
+        flush=True,
+    )
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+    )
+    if args.system and not opened.resumed:
+        session.reply(chat=("system", args.system))
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(
+                    f"\nsession kept: --session {opened.session_id} --resume-token {opened.resume_token}"
+                )
+                session.disconnect()
+                return 0
+            if line.strip() == "/close":
+                session.close()
+                return 0
+            if not line.strip():
+                continue
+            for message in session.append(chat=("user", line), generate=params):
+                if message.HasField("tokens"):
+                    print(message.tokens.text, end="", flush=True)
+            print()
+    except SessionError as error:
+        raise SystemExit(f"session ended: {error}") from None
+    except KeyboardInterrupt:
+        session.disconnect()
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinkserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -113,6 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recompute-slots", type=int, default=64, help="windows recomputed at once")
     ev.add_argument("--step-tokens", type=int, default=None, help="token budget per engine step")
     ev.set_defaults(run=_eval_ppl)
+
+    sv = sub.add_parser("serve", help="deploy the gRPC service on a local or existing Ray cluster")
+    _add_engine_options(sv)
+    sv.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    sv.add_argument("--replicas", type=int, default=1, help="session replicas (one per GPU)")
+    sv.add_argument("--slots", type=int, help="sessions per replica (default: from memory)")
+    sv.add_argument("--kv-memory-gib", type=float, help="KV arena size per replica")
+    sv.add_argument("--host", default="0.0.0.0")
+    sv.add_argument("--port", type=int, default=50051)
+    sv.add_argument(
+        "--session-ttl", type=float, default=3600.0, help="seconds a detached session lives"
+    )
+    sv.set_defaults(run=_serve)
+
+    ch = sub.add_parser("chat", help="chat with a running service, streaming replies")
+    ch.add_argument("--target", default="localhost:50051")
+    ch.add_argument("--session", help="resume this session id")
+    ch.add_argument("--resume-token")
+    ch.add_argument("--system", help="a system message to start a new session with")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-p", type=float, default=0.9)
+    ch.set_defaults(run=_chat)
     return parser
 
 

@@ -1,0 +1,108 @@
+"""Translation between the sinkserve.v1 messages and the engine's types, and errors to statuses."""
+
+from __future__ import annotations
+
+import grpc
+
+from sinkcache.arena import ArenaFullError
+from sinkcache.inputs import AppendInput, ChatTurn, TextInput, TokenInput
+from sinkcache.sampling import GenerationParams
+from sinkcache.session import (
+    EndReason,
+    EngineStoppedError,
+    Event,
+    InvalidRequestError,
+    ScoresEvent,
+    SessionExistsError,
+    SessionNotFoundError,
+    TokensEvent,
+    TurnEndEvent,
+)
+from sinkserve.v1 import streaming_llm_pb2 as pb
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+_REASONS = {
+    EndReason.EOS: pb.TurnEnd.EOS,
+    EndReason.STOP: pb.TurnEnd.STOP,
+    EndReason.LENGTH: pb.TurnEnd.LENGTH,
+    EndReason.CANCELLED: pb.TurnEnd.CANCELLED,
+    EndReason.APPENDED: pb.TurnEnd.APPENDED,
+    EndReason.CLOSED: pb.TurnEnd.CLOSED,
+}
+
+
+class StreamError(Exception):
+    """End the stream with this status (a one-line message)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def status_for(error: BaseException) -> StreamError:
+    """The gRPC status a client gets for an engine error."""
+    if isinstance(error, StreamError):
+        return error
+    if isinstance(error, SessionNotFoundError):
+        return StreamError(grpc.StatusCode.NOT_FOUND, str(error))
+    if isinstance(error, ArenaFullError):
+        return StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free session slot: {error}")
+    if isinstance(error, InvalidRequestError | ValueError):
+        return StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, SessionExistsError):
+        return StreamError(grpc.StatusCode.ALREADY_EXISTS, str(error))
+    if isinstance(error, EngineStoppedError):
+        return StreamError(grpc.StatusCode.UNAVAILABLE, str(error))
+    return StreamError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+def append_input(append: pb.Append) -> AppendInput:
+    kind = append.WhichOneof("input")
+    if kind == "text":
+        return TextInput(append.text)
+    if kind == "tokens":
+        return TokenInput(tuple(append.tokens.ids))
+    if kind == "chat":
+        return ChatTurn(append.chat.role, append.chat.content)
+    raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "append needs text, tokens or chat")
+
+
+def generation_params(append: pb.Append) -> GenerationParams | None:
+    if not append.HasField("generate"):
+        return None
+    g = append.generate
+    return GenerationParams(
+        max_new_tokens=g.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p if g.top_p != 0.0 else 1.0,
+        seed=g.seed if g.HasField("seed") else None,
+        stop=tuple(g.stop),
+        ignore_eos=g.ignore_eos,
+    )
+
+
+def server_message(event: Event, replica_id: str) -> pb.ServerMessage:
+    if isinstance(event, TokensEvent):
+        return pb.ServerMessage(
+            tokens=pb.Tokens(ids=event.ids, text=event.text, stream_position=event.stream_pos),
+            replica_id=replica_id,
+        )
+    if isinstance(event, ScoresEvent):
+        return pb.ServerMessage(
+            scores=pb.Scores(logprobs=event.logprobs, first_position=event.first_pos),
+            replica_id=replica_id,
+        )
+    assert isinstance(event, TurnEndEvent)
+    return pb.ServerMessage(
+        turn_end=pb.TurnEnd(
+            reason=_REASONS[event.reason],
+            input_tokens=event.input_tokens,
+            generated_tokens=event.generated_tokens,
+            stream_position=event.stream_pos,
+            detail=event.detail,
+        ),
+        replica_id=replica_id,
+    )

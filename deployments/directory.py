@@ -1,0 +1,33 @@
+"""ReplicaDirectory: where each session replica listens and how full it is.
+
+Replicas heartbeat here once a second; gateways read the list to route streams. An entry that
+misses heartbeats for `STALE_AFTER_S` is dropped, so a dead replica leaves the list by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray import serve
+
+STALE_AFTER_S = 5.0
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ReplicaDirectory:
+    def __init__(self) -> None:
+        self._replicas: dict[str, dict[str, Any]] = {}
+
+    def heartbeat(self, info: dict[str, Any]) -> None:
+        self._replicas[info["replica_id"]] = {**info, "seen": time.monotonic()}
+
+    def leave(self, replica_id: str) -> None:
+        self._replicas.pop(replica_id, None)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        for replica_id, info in list(self._replicas.items()):
+            if now - info["seen"] > STALE_AFTER_S:
+                del self._replicas[replica_id]
+        return [{k: v for k, v in info.items() if k != "seen"} for info in self._replicas.values()]

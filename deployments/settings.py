@@ -1,0 +1,82 @@
+"""AppSettings: everything the Serve application is configured with, in one place.
+
+`serve run deployments.app:build_app key=value ...` and KubeRay's serveConfigV2 `args:` pass plain
+strings; `from_args` turns them into typed settings and refuses unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class AppSettings:
+    model: str = "default"
+    sink: int = 4
+    window: int = 1020
+    replicas: int = 1
+    slots: int | None = None  # per replica; None: from kv_memory_gib or the device
+    kv_memory_gib: float | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_replica: float = 0.0
+    torch_threads: int | None = None  # CPU engines: intra-op threads per replica
+    cuda_graphs: bool = True
+    max_step_tokens: int | None = None
+    host: str = "0.0.0.0"
+    port: int = 50051  # the gateway's public gRPC port
+    gateways: int = 1  # one per node that should accept clients
+    session_ttl_s: float = 3600.0  # a session with no stream attached is closed after this
+    flush_interval_s: float = 0.005  # how often replies are flushed to clients (coalescing)
+    resume_secret: str = field(default_factory=lambda: secrets.token_hex(32))
+    application: str = "sinkserve"
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> AppSettings:
+        args = dict(args or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        values: dict[str, Any] = {}
+        for name, raw in args.items():
+            values[name] = _coerce(fields[name].type, raw, name)
+        return cls(**values)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The sinkcache.builder.EngineConfig fields these settings carry."""
+        return {
+            "model": self.model,
+            "sink": self.sink,
+            "window": self.window,
+            "slots": self.slots,
+            "kv_memory_gib": self.kv_memory_gib,
+            "dtype": self.dtype,
+            "device": self.device,
+            "cuda_graphs": self.cuda_graphs,
+            "max_step_tokens": self.max_step_tokens,
+        }
+
+
+def _coerce(annotation: str, raw: Any, name: str) -> Any:
+    if raw is None or not isinstance(raw, str):
+        return raw
+    kind = annotation.replace(" | None", "")
+    if raw.lower() in ("none", "null") and "None" in annotation:
+        return None
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+    except ValueError:
+        raise ValueError(f"setting {name}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,37 @@
+"""Start the real Serve application on a local Ray cluster for tests (gRPC on loopback)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from deployments.settings import AppSettings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_service(**overrides) -> Iterator[str]:
+    """Yield the gateway address of a freshly deployed app; tear everything down after."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from sinkserve.health import wait_serving
+
+    settings = AppSettings(host="127.0.0.1", port=free_port(), torch_threads=1, **overrides)
+    ray.init(num_cpus=8, include_dashboard=False, namespace="sinkserve-tests", log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app(settings), name=settings.application, route_prefix=None)
+        address = f"127.0.0.1:{settings.port}"
+        wait_serving(address, replicas=settings.replicas, timeout_s=120)
+        yield address
+    finally:
+        serve.shutdown()
+        ray.shutdown()

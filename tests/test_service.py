@@ -1,0 +1,230 @@
+"""The Serve application end to end: real Ray started here, real gRPC over loopback, tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sinkserve.client import AsyncSession, GenerationParams, SessionError
+from sinkserve.v1 import streaming_llm_pb2 as pb
+from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+from tests.service import running_service
+
+pytestmark = pytest.mark.slow
+
+SLOTS = 40  # per replica
+GREEDY = GenerationParams(max_new_tokens=8, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def address():
+    with running_service(model="tiny", replicas=2, slots=SLOTS, sink=4, window=60) as addr:
+        yield addr
+
+
+async def raw_stream(address: str, *messages: pb.ClientMessage) -> list[pb.ServerMessage]:
+    """Send messages on a fresh stream with no project client; return what came back."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.StreamingLLMStub(channel).Session(iter(messages))
+        return [m async for m in call]
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    return error.code if isinstance(error, SessionError) else error.code()
+
+
+async def test_sessions_are_sticky_and_spread_over_replicas(address) -> None:
+    async def converse(i: int) -> tuple[str, set[str], list[int]]:
+        session = await AsyncSession.open(address)
+        names, positions = set(), []
+        for turn in range(3):
+            async for message in session.append(
+                chat=("user", f"hello {i}.{turn}"), generate=GREEDY
+            ):
+                names.add(message.replica_id)
+                if message.HasField("turn_end"):
+                    positions.append(message.turn_end.stream_position)
+        await session.close()
+        return session.replica_id, names, positions
+
+    results = await asyncio.gather(*(converse(i) for i in range(50)))
+    for opened_on, names, positions in results:
+        assert names == {opened_on}, "a message named a replica other than the session's"
+        assert positions == sorted(positions) and len(set(positions)) == 3
+    replicas = {opened_on for opened_on, _, _ in results}
+    assert len(replicas) == 2, f"sessions were not spread: {replicas}"
+
+
+async def test_drop_mid_generation_and_resume(address) -> None:
+    session = await AsyncSession.open(address)
+    await session.send(
+        pb.ClientMessage(
+            append=pb.Append(text="a long story", generate=pb.GenerationParams(max_new_tokens=400))
+        )
+    )
+    seen = 0
+    while seen < 5:  # read a few token messages, then drop the stream mid-reply
+        message = await session.receive()
+        assert message.HasField("tokens")
+        seen = message.tokens.stream_position
+    await session.disconnect()
+
+    resumed = await AsyncSession.resume(address, session.session_id, session.resume_token)
+    assert resumed.opened.resumed and resumed.replica_id == session.replica_id
+    position = resumed.opened.stream_position
+    assert position >= seen
+    reply = await resumed.reply(text=" and then", generate=GREEDY)
+    end = reply.end
+    assert end.stream_position == position + end.input_tokens + end.generated_tokens
+    await resumed.close()
+
+    with pytest.raises(SessionError) as wrong:
+        await AsyncSession.resume(address, session.session_id, "not-the-token")
+    assert wrong.value.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
+
+    other = await AsyncSession.open(address)
+    with pytest.raises(SessionError) as denied:
+        await AsyncSession.resume(address, other.session_id, session.resume_token)
+    assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+    await other.close()
+
+
+@pytest.mark.parametrize(
+    ("messages", "code"),
+    [
+        (
+            [pb.ClientMessage(resume=pb.Resume(session_id="nope.123", resume_token="x"))],
+            "NOT_FOUND",
+        ),
+        ([pb.ClientMessage(append=pb.Append(text="hi"))], "INVALID_ARGUMENT"),
+        ([pb.ClientMessage()], "INVALID_ARGUMENT"),
+        (
+            [
+                pb.ClientMessage(open=pb.Open()),
+                pb.ClientMessage(append=pb.Append(tokens=pb.TokenIds(ids=[10**7]))),
+            ],
+            "INVALID_ARGUMENT",
+        ),
+        (
+            [
+                pb.ClientMessage(open=pb.Open()),
+                pb.ClientMessage(
+                    append=pb.Append(text="x", generate=pb.GenerationParams(temperature=-1.0))
+                ),
+            ],
+            "INVALID_ARGUMENT",
+        ),
+        (
+            [pb.ClientMessage(open=pb.Open()), pb.ClientMessage(append=pb.Append())],
+            "INVALID_ARGUMENT",
+        ),
+        (
+            [
+                pb.ClientMessage(open=pb.Open()),
+                pb.ClientMessage(append=pb.Append(chat=pb.ChatTurn(role="robot", content="x"))),
+            ],
+            "INVALID_ARGUMENT",
+        ),
+        (
+            [pb.ClientMessage(open=pb.Open()), pb.ClientMessage(open=pb.Open())],
+            "INVALID_ARGUMENT",
+        ),
+    ],
+)
+async def test_bad_input_gets_a_status_and_the_server_keeps_serving(
+    address, messages, code
+) -> None:
+    healthy = await AsyncSession.open(address)
+    reply_task = asyncio.create_task(
+        healthy.reply(
+            text="keep going", generate=GenerationParams(max_new_tokens=30, ignore_eos=True)
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await raw_stream(address, *messages)
+    assert error.value.code() == getattr(grpc.StatusCode, code)
+    assert error.value.details() and "\n" not in error.value.details()
+    reply = await reply_task
+    assert len(reply.ids) == 30  # the other session was not disturbed
+    await healthy.close()
+    fresh = await AsyncSession.open(address)
+    await fresh.reply(text="still here", generate=GREEDY)
+    await fresh.close()
+
+
+async def test_full_arena_refuses_new_sessions_only(address) -> None:
+    keeper = await AsyncSession.open(address)
+    sessions = [keeper]
+    async with grpc.aio.insecure_channel(address) as channel:
+        free = (await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest())).slots_free
+    with pytest.raises(SessionError) as full:
+        for _ in range(free + 5):
+            sessions.append(await AsyncSession.open(address))
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(sessions) == free + 1  # every free slot was handed out before the refusal
+    reply = await keeper.reply(text="still fine", generate=GREEDY)
+    assert len(reply.ids) == GREEDY.max_new_tokens
+    await sessions.pop().close()
+    replacement = await AsyncSession.open(address)  # a freed slot is usable again
+    sessions.append(replacement)
+    await asyncio.gather(*(s.close() for s in sessions))
+
+
+def test_health_stats_and_a_client_from_the_proto_alone(address, tmp_path) -> None:
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stats = pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest())
+    assert len(stats.replicas) == 2 and stats.slots_total == 2 * SLOTS
+
+    # Generate a client from the installed .proto into a scratch dir, under another module path,
+    # and use it from a process that imports none of the project's code.
+    from grpc_tools import protoc
+
+    from sinkserve.protos import PROTO_FILE, proto_root
+
+    (tmp_path / "contract.proto").write_text((proto_root() / PROTO_FILE).read_text())
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{tmp_path}",
+                f"--python_out={tmp_path}",
+                f"--grpc_python_out={tmp_path}",
+                "contract.proto",
+            ]
+        )
+        == 0
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys, grpc
+        import contract_pb2 as pb, contract_pb2_grpc as rpc
+        channel = grpc.insecure_channel("{address}")
+        replies = rpc.StreamingLLMStub(channel).Session(iter([
+            pb.ClientMessage(open=pb.Open()),
+            pb.ClientMessage(append=pb.Append(
+                chat=pb.ChatTurn(role="user", content="hi"),
+                generate=pb.GenerationParams(max_new_tokens=5, temperature=0.0))),
+        ]))
+        tokens = 0
+        for message in replies:
+            if message.HasField("tokens"):
+                tokens += len(message.tokens.ids)
+            if message.HasField("turn_end"):
+                break
+        assert not any(name.split(".")[0] in ("sinkserve", "sinkcache", "deployments") for name in sys.modules)
+        print("tokens", tokens)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["tokens", "5"]
