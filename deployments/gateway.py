@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+import psutil
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -218,7 +219,7 @@ class Gateway:
             return None
 
         answers = await asyncio.gather(*(one(b) for b in list(self.backends.values())))
-        response = pb.StatsResponse()
+        response = pb.StatsResponse(gateway_rss_bytes=psutil.Process().memory_info().rss)
         for answer in answers:
             if answer is None:
                 continue

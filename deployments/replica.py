@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ray import serve
 
@@ -250,6 +251,9 @@ def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
         kv_bytes=stats["kv_bytes"],
         device=str(sessions.engine.core.arena.device),
         model=sessions.settings.model,
+        process_rss_bytes=psutil.Process().memory_info().rss,
+        decode_tokens=stats["decode_tokens"],
+        prefill_tokens=stats["prefill_tokens"],
     )
 
 

@@ -26,7 +26,7 @@ class AppSettings:
     cpus_per_replica: float = 0.0
     torch_threads: int | None = None  # CPU engines: intra-op threads per replica
     cuda_graphs: bool = True
-    max_step_tokens: int | None = None
+    prefill_budget: int | None = None
     host: str = "0.0.0.0"
     port: int = 50051  # the gateway's public gRPC port
     gateways: int = 1  # one per node that should accept clients
@@ -58,7 +58,7 @@ class AppSettings:
             "dtype": self.dtype,
             "device": self.device,
             "cuda_graphs": self.cuda_graphs,
-            "max_step_tokens": self.max_step_tokens,
+            "prefill_budget": self.prefill_budget,
         }
 
 

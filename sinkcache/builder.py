@@ -32,7 +32,7 @@ class EngineConfig:
     kv_memory_gib: float | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
-    max_step_tokens: int | None = None  # per-step token budget (decode rows + prefill chunks)
+    prefill_budget: int | None = None  # prefill tokens per step (decode rows always run)
     cuda_graphs: bool = True
     attention: str = "auto"  # auto | reference | triton
     seed: int = 0
@@ -90,7 +90,7 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
         from sinkcache.text import TokenizerCodec
 
         codec = TokenizerCodec(loaded.tokenizer, loaded.shape)
-    max_step_tokens = config.max_step_tokens or (2048 if device.type == "cuda" else 512)
+    prefill_budget = config.prefill_budget or (2048 if device.type == "cuda" else 512)
     log.info(
         "engine: model=%s device=%s dtype=%s slots=%d capacity=%d (%d sink + %d window), kv=%.1f MiB",
         config.model,
@@ -102,7 +102,7 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
         geometry.window,
         arena.nbytes() / 2**20,
     )
-    return EngineCore(runner, codec, max_step_tokens, eos_ids=frozenset(loaded.shape.eos_token_ids))
+    return EngineCore(runner, codec, prefill_budget, eos_ids=frozenset(loaded.shape.eos_token_ids))
 
 
 def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> AsyncEngine:

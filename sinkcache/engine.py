@@ -74,7 +74,7 @@ class EngineCore:
         self,
         runner: ModelRunner,
         codec: TextCodec | None,
-        max_step_tokens: int,
+        prefill_budget: int,
         eos_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.runner = runner
@@ -82,7 +82,7 @@ class EngineCore:
         self.codec = codec
         self.vocab_size = runner.model.shape.vocab_size
         self.eos_ids = codec.eos_ids if codec is not None else eos_ids
-        self.scheduler = Scheduler(self.arena.geometry, max_step_tokens)
+        self.scheduler = Scheduler(self.arena.geometry, prefill_budget)
         self.sessions: dict[str, Session] = {}
         self.counters = EngineCounters()
         self._inflight: tuple[StepRecord, StepResult, float] | None = None

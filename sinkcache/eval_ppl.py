@@ -90,7 +90,7 @@ def _core_for(
         slots=slots,
         dtype=base.dtype,
         device=base.device,
-        max_step_tokens=base.max_step_tokens,
+        prefill_budget=base.prefill_budget,
         cuda_graphs=base.cuda_graphs,
         attention=base.attention,
     )

@@ -89,17 +89,40 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def uniform_noise(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """U(0, 1) noise [B, V] from a murmur3 finaliser over (seed, position, vocab id)."""
-    vocab = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)
-    x = (seed * _GOLDEN + position)[:, None] * _GOLDEN + vocab[None, :]
+def row_uniform(seed: torch.Tensor, position: torch.Tensor, draw: int = 0) -> torch.Tensor:
+    """One U[0, 1) float64 per row from a murmur3 finaliser over (seed, position, draw)."""
+    x = (seed * _GOLDEN + position) * _GOLDEN + draw
     x = x ^ _shift_right(x, 33)
     x = x * _MIX1
     x = x ^ _shift_right(x, 33)
     x = x * _MIX2
     x = x ^ _shift_right(x, 33)
-    top24 = _shift_right(x, 40).to(torch.float32)
-    return (top24 + 0.5) * (1.0 / (1 << 24))
+    return _shift_right(x, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+INVERSE_CDF_BLOCK = 256
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of non-negative `weights` [B, V] by its uniform `u` [B].
+
+    Two levels (block sums, then one block) so a draw reads the row once instead of building a
+    full cumulative sum. A zero-weight index is never returned.
+    """
+    batch, vocab = weights.shape
+    block = INVERSE_CDF_BLOCK
+    pad = (-vocab) % block
+    padded = torch.nn.functional.pad(weights, (0, pad)) if pad else weights
+    blocks = padded.reshape(batch, -1, block)
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [B, V / block]
+    total = block_cdf[:, -1:]
+    target = torch.minimum(u[:, None] * total, total * (1 - 1e-12))
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp_max(blocks.shape[1] - 1)
+    before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp_min(0)), 0.0)
+    inner = blocks.gather(1, chosen[:, :, None].expand(-1, -1, block))[:, 0].double().cumsum(-1)
+    offset = torch.minimum(target - before, inner[:, -1:] * (1 - 1e-12))
+    within = torch.searchsorted(inner, offset, right=True).clamp_max(block - 1)
+    return (chosen * block + within)[:, 0].clamp_max(vocab - 1)
 
 
 class SlotSampler:
@@ -128,27 +151,68 @@ class SlotSampler:
         position: torch.Tensor,
         variant: SamplerVariant,
     ) -> torch.Tensor:
-        """logits [B, V] float32, slots [B], position [B] (stream position of the new token) -> [B]."""
+        """logits [B, V] float32, slots [B], position [B] (stream position of the new token) -> [B].
+
+        Sampling is by inverse CDF with one uniform per row, so no [B, V] noise is made.
+        """
         greedy_tokens = logits.argmax(dim=-1)
         if variant == SamplerVariant.GREEDY:
             return greedy_tokens
         temperature = self.temperature[slots]
-        scaled = logits / temperature.clamp_min(1e-6)[:, None]
-        if variant == SamplerVariant.FILTER:
-            scaled = self._filter(scaled, slots)
-        gumbel = -torch.log(-torch.log(uniform_noise(self.seed[slots], position, logits.shape[-1])))
-        sampled = (scaled + gumbel).argmax(dim=-1)
+        probs = (logits / temperature.clamp_min(1e-6)[:, None]).softmax(dim=-1)
+        seed = self.seed[slots]
+        if variant == SamplerVariant.SAMPLE:
+            sampled = inverse_cdf(probs, row_uniform(seed, position))
+        elif probs.is_cuda:
+            sampled = self._nucleus_sorted(probs, slots, seed, position)
+        else:
+            sampled = self._nucleus_rejection(probs, slots, seed, position, greedy_tokens)
         return torch.where(temperature == 0.0, greedy_tokens, sampled)
 
-    def _filter(self, scaled: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Mask logits outside each row's top-k and top-p nucleus with -inf."""
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        rank = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    def _limits(self, slots: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         top_k = self.top_k[slots]
-        k_limit = torch.where(top_k > 0, top_k, torch.full_like(top_k, scaled.shape[-1]))
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop = (rank >= k_limit[:, None]) | (mass_before >= self.top_p[slots][:, None])
-        drop[:, 0] = False  # the most likely token always survives
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+        return torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)), self.top_p[slots]
+
+    def _nucleus_sorted(self, probs, slots, seed, position) -> torch.Tensor:
+        """Top-k / top-p by sorting each row: fixed shapes, no host sync (CUDA-graph safe).
+
+        A token is kept when fewer than top_k tokens and less than top_p of the mass rank above it.
+        """
+        k_limit, top_p = self._limits(slots, probs.shape[-1])
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep = (rank < k_limit[:, None]) & (mass_before < top_p[:, None])
+        keep[:, 0] = True  # the most likely token always survives
+        index = inverse_cdf(sorted_probs * keep, row_uniform(seed, position))
+        return order.gather(1, index[:, None])[:, 0]
+
+    def _nucleus_rejection(self, probs, slots, seed, position, greedy, max_draws: int = 64):
+        """Top-k / top-p without sorting (the CPU path): draw from the tokens above a pivot and
+        accept if the draw is in the nucleus; a rejected draw raises the pivot to its own
+        probability, so every later draw comes from a smaller superset of the nucleus. Accepting
+        by membership makes the result exactly the nucleus distribution (same rule as the sorted
+        path); rows still unaccepted after `max_draws` take the most likely token."""
+        vocab = probs.shape[-1]
+        k_limit, top_p = self._limits(slots, vocab)
+        check_k, check_p = bool((k_limit < vocab).any()), bool((top_p < 1.0).any())
+        result = greedy.clone()
+        pending = torch.arange(probs.shape[0], device=probs.device)
+        pivot = torch.full((probs.shape[0],), -1.0, device=probs.device)
+        for draw in range(max_draws):
+            rows = probs if draw == 0 else probs[pending]
+            weights = rows if draw == 0 else rows * (rows > pivot[pending, None])
+            token = inverse_cdf(weights, row_uniform(seed[pending], position[pending], draw))
+            p_token = rows.gather(1, token[:, None])
+            above = rows > p_token
+            accepted = torch.ones_like(token, dtype=torch.bool)
+            if check_k:
+                accepted &= above.sum(dim=-1) < k_limit[pending]
+            if check_p:
+                accepted &= rows.masked_fill(~above, 0.0).sum(dim=-1) < top_p[pending]
+            result[pending[accepted]] = token[accepted]
+            pivot[pending[~accepted]] = p_token[~accepted, 0]
+            pending = pending[~accepted]
+            if pending.numel() == 0:
+                break
+        return result

@@ -1,8 +1,9 @@
-"""The scheduler decides what one step runs, under a token budget.
+"""The scheduler decides what one step runs.
 
 Every generating session gets one decode row per step (continuous batching). Prefill chunks of at
-most the window fill the rest of the budget, one chunk per session per step, round-robin, so a long
-append cannot stall anyone: decodes always run, and other appends keep getting their turn.
+most the window share a per-step prefill token budget, one chunk per session per step, round-robin:
+decodes always run, a long append cannot stall anyone, and new turns are not starved by a large
+decode batch (their first tokens wait for at most a few steps).
 The scheduler only plans; the engine applies what the step produced.
 """
 
@@ -39,12 +40,9 @@ class StepRecord:
 
 
 class Scheduler:
-    def __init__(
-        self, geometry: CacheGeometry, max_step_tokens: int, min_prefill_tokens: int = 32
-    ) -> None:
+    def __init__(self, geometry: CacheGeometry, prefill_budget: int) -> None:
         self.geometry = geometry
-        self.max_step_tokens = max_step_tokens
-        self.min_prefill_tokens = min_prefill_tokens
+        self.prefill_budget = prefill_budget
         self.decoding: dict[str, Session] = {}
         self.prefilling: deque[Session] = deque()
         self._decode_version = 0
@@ -103,7 +101,7 @@ class Scheduler:
         record.plan.decode_slots = self._decode_slots
         record.plan.decode_version = self._decode_version
 
-        budget = max(self.max_step_tokens - len(record.decode), self.min_prefill_tokens)
+        budget = self.prefill_budget
         rounds = len(self.prefilling)
         while self.prefilling and budget > 0 and rounds > 0:
             rounds -= 1

@@ -40,7 +40,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         cuda_graphs=not args.no_cuda_graphs,
-        max_step_tokens=args.step_tokens,
+        prefill_budget=args.prefill_budget,
     )
     device = base.resolved_device()
     console = Console(stderr=True)
@@ -207,6 +207,75 @@ def _chat(args: argparse.Namespace) -> int:
         return 130
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    """Endless conversations from many sessions at once; live progress, a final table, JSON."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sinkserve.loadtest import LoadConfig, plot, run, summary, write_json
+
+    config = LoadConfig(
+        target=args.target,
+        sessions=args.sessions,
+        duration_s=args.duration,
+        ramp_s=args.ramp,
+        think_s=(args.think_min, args.think_max),
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    console = Console(stderr=True)
+
+    def live(point, stats) -> None:
+        ttft = point["ttft_ms_p50"]
+        console.print(
+            f"t={point['t']:6.1f}s  active {point['active_sessions']:5d}  opened {stats.opened:5d}  "
+            f"lost {stats.lost}  errors {sum(stats.errors.values())}  turns {stats.turns:7d}  "
+            f"{point['tokens_per_s']:8.0f} tok/s  ttft p50 {'-' if ttft is None else f'{ttft:.0f} ms'}",
+            highlight=False,
+        )
+
+    stats = asyncio.run(run(config, live))
+    data = summary(config, stats)
+    table = Table(title=f"sinkserve loadtest: {args.sessions} sessions against {args.target}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("sessions opened", data["sessions_opened"]),
+        ("sessions lost", data["sessions_lost"]),
+        ("errors", data["errors"] or 0),
+        ("turns", data["turns"]),
+        ("tokens/s (steady)", f"{data['tokens_per_s']:.0f}"),
+        *[
+            (f"TTFT {k} (ms)", f"{v:.1f}")
+            for k, v in data["ttft_ms"].items()
+            if k != "count" and v is not None
+        ],
+        *[
+            (f"ITL {k} (ms)", f"{v:.1f}")
+            for k, v in data["itl_ms"].items()
+            if k != "count" and v is not None
+        ],
+        (
+            "replica RSS growth after warm-up",
+            f"{data['server']['replica_rss_growth_after_warmup_pct'] or 0:+.2f}%",
+        ),
+        (
+            "gateway RSS growth after warm-up",
+            f"{data['server']['gateway_rss_growth_after_warmup_pct'] or 0:+.2f}%",
+        ),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    Console().print(table)
+    if args.json:
+        write_json(data, Path(args.json))
+    if args.plot:
+        plot(data, Path(args.plot))
+    return 0 if data["sessions_lost"] == 0 and not data["errors"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinkserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -228,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="write a PNG plot of perplexity over the stream here")
     ev.add_argument("--nll-out", help="write per-token NLL (TSV) here")
     ev.add_argument("--recompute-slots", type=int, default=64, help="windows recomputed at once")
-    ev.add_argument("--step-tokens", type=int, default=None, help="token budget per engine step")
+    ev.add_argument("--prefill-budget", type=int, default=None, help="token budget per engine step")
     ev.set_defaults(run=_eval_ppl)
 
     sv = sub.add_parser("serve", help="deploy the gRPC service on a local or existing Ray cluster")
@@ -253,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--temperature", type=float, default=0.7)
     ch.add_argument("--top-p", type=float, default=0.9)
     ch.set_defaults(run=_chat)
+
+    lt = sub.add_parser("loadtest", help="many concurrent endless sessions against a service")
+    lt.add_argument("--target", default="localhost:50051")
+    lt.add_argument("--sessions", type=int, default=100)
+    lt.add_argument("--duration", type=float, default=60.0, help="seconds after the ramp")
+    lt.add_argument("--ramp", type=float, default=10.0, help="seconds to open all sessions")
+    lt.add_argument("--think-min", type=float, default=0.5)
+    lt.add_argument("--think-max", type=float, default=1.5)
+    lt.add_argument("--max-new-tokens", type=int, default=24)
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--json", help="write the results here")
+    lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")
+    lt.set_defaults(run=_loadtest)
     return parser
 
 

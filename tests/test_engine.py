@@ -47,10 +47,10 @@ def models():
     return hf, from_hf_model(hf, torch.float32, "cpu")
 
 
-def make_engine(model, geometry, slots=8, eos=(), max_step_tokens=64) -> AsyncEngine:
+def make_engine(model, geometry, slots=8, eos=(), prefill_budget=64) -> AsyncEngine:
     arena = KVArena(model.shape, geometry, slots, torch.float32, "cpu")
     runner = ModelRunner(model, arena, REFERENCE)
-    core = EngineCore(runner, None, max_step_tokens, eos_ids=frozenset(eos))
+    core = EngineCore(runner, None, prefill_budget, eos_ids=frozenset(eos))
     engine = AsyncEngine(core, flush_interval=0.0)
     engine.start()
     return engine
@@ -153,7 +153,7 @@ async def test_held_tokens_equal_the_emitted_stream(models) -> None:
 async def test_long_append_does_not_stall_decoding(models) -> None:
     _, ours = models
     geometry = CacheGeometry(2, 8)
-    engine = make_engine(ours, geometry, max_step_tokens=12)
+    engine = make_engine(ours, geometry, prefill_budget=12)
     try:
         a = (await engine.open_session()).session_id
         b = (await engine.open_session()).session_id

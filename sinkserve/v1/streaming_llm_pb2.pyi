@@ -184,21 +184,23 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free")
+    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free", "gateway_rss_bytes")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
     sessions: int
     slots_total: int
     slots_used: int
     slots_free: int
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ...) -> None: ...
+    gateway_rss_bytes: int
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
-    __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model")
+    __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model", "process_rss_bytes", "decode_tokens", "prefill_tokens")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +212,9 @@ class ReplicaStats(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     sessions: int
     slots_total: int
@@ -221,4 +226,7 @@ class ReplicaStats(_message.Message):
     kv_bytes: int
     device: str
     model: str
-    def __init__(self, replica_id: _Optional[str] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    process_rss_bytes: int
+    decode_tokens: int
+    prefill_tokens: int
+    def __init__(self, replica_id: _Optional[str] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., process_rss_bytes: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,348 @@
+"""`sinkserve loadtest`: thousands of concurrent endless conversations against a running service.
+
+Every session is opened (ramped), then loops until the duration ends: append a user turn, read the
+streamed reply, think, repeat. A stream that fails is resumed once with its id and token; a session
+that cannot be continued is *lost*. Latencies go into HDR histograms (microseconds):
+  ttft  time from sending a turn to its first reply tokens
+  itl   inter-token latency: the gap before each Tokens message, spread over the tokens it carries
+The server's Stats are sampled through the run (KV bytes, process memory) for the memory check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from hdrh.histogram import HdrHistogram
+
+from sinkserve.client import AsyncSession, SessionError
+from sinkserve.v1 import streaming_llm_pb2 as pb
+from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+
+WORDS = [
+    "the",
+    "stream",
+    "goes",
+    "on",
+    "and",
+    "every",
+    "session",
+    "keeps",
+    "its",
+    "sinks",
+    "while",
+    "the",
+    "window",
+    "rolls",
+    "forward",
+    "with",
+    "each",
+    "new",
+    "token",
+    "so",
+    "memory",
+    "stays",
+    "flat",
+    "and",
+    "the",
+    "model",
+    "stays",
+    "stable",
+    "for",
+    "days",
+    "of",
+    "chat",
+    "logs",
+    "and",
+    "documents",
+    "that",
+    "never",
+    "end",
+]
+
+
+@dataclass
+class LoadConfig:
+    target: str
+    sessions: int
+    duration_s: float
+    ramp_s: float = 10.0
+    think_s: tuple[float, float] = (0.5, 1.5)
+    max_new_tokens: int = 24
+    words_per_turn: tuple[int, int] = (4, 16)
+    channels: int = 16
+    stats_interval_s: float = 2.0
+    seed: int = 0
+
+
+@dataclass
+class LoadStats:
+    """Everything the run measured (merged across sessions)."""
+
+    started: float = field(default_factory=time.monotonic)
+    opened: int = 0
+    lost: int = 0
+    resumed: int = 0
+    turns: int = 0
+    tokens: int = 0
+    errors: Counter = field(default_factory=Counter)
+    ttft: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
+    itl: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    server: list[dict[str, Any]] = field(default_factory=list)
+    active: int = 0
+    elapsed: float = 0.0
+    _window_tokens: int = 0
+    _window_ttft: list[float] = field(default_factory=list)
+
+    def error(self, code: grpc.StatusCode) -> None:
+        self.errors[code.name] += 1
+
+
+async def _converse(
+    config: LoadConfig, stats: LoadStats, channel: grpc.aio.Channel, index: int, deadline: float
+) -> None:
+    rng = random.Random(config.seed * 1_000_003 + index)
+    await asyncio.sleep(config.ramp_s * index / max(1, config.sessions))
+    try:
+        session = await AsyncSession.open(config.target, channel=channel)
+    except SessionError as error:
+        stats.error(error.code)
+        stats.lost += 1
+        return
+    stats.opened += 1
+    stats.active += 1
+    params = pb.GenerationParams(max_new_tokens=config.max_new_tokens, temperature=0.8, top_p=0.95)
+    resumed_once = False
+    try:
+        while time.monotonic() < deadline:
+            words = rng.randint(*config.words_per_turn)
+            text = " ".join(rng.choice(WORDS) for _ in range(words))
+            try:
+                await _turn(session, text, params, stats)
+            except SessionError as error:
+                stats.error(error.code)
+                if resumed_once:
+                    stats.lost += 1
+                    return
+                resumed_once = True
+                try:  # a session outlives its stream: continue it on a new one
+                    session = await AsyncSession.resume(
+                        config.target, session.session_id, session.resume_token, channel=channel
+                    )
+                    stats.resumed += 1
+                except SessionError as again:
+                    stats.error(again.code)
+                    stats.lost += 1
+                    return
+                continue
+            await asyncio.sleep(rng.uniform(*config.think_s))
+        try:
+            await session.close()
+        except SessionError as error:
+            stats.error(error.code)
+    finally:
+        stats.active -= 1
+
+
+async def _turn(
+    session: AsyncSession, text: str, params: pb.GenerationParams, stats: LoadStats
+) -> None:
+    sent = time.monotonic()
+    last = None
+    async for message in session.append(chat=("user", text), generate=params):
+        if message.HasField("tokens"):
+            now = time.monotonic()
+            count = len(message.tokens.ids)
+            if last is None:
+                ttft = now - sent
+                stats.ttft.record_value(max(1, int(ttft * 1e6)))
+                stats._window_ttft.append(ttft)
+            elif count:
+                gap = int((now - last) * 1e6 / count)
+                for _ in range(count):
+                    stats.itl.record_value(max(1, gap))
+            last = now
+            stats.tokens += count
+            stats._window_tokens += count
+    stats.turns += 1
+
+
+async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Event) -> None:
+    async with grpc.aio.insecure_channel(config.target) as channel:
+        stub = pb_grpc.StreamingLLMStub(channel)
+        while True:
+            try:
+                reply = await stub.Stats(pb.StatsRequest(), timeout=5.0)
+                stats.server.append(
+                    {
+                        "t": time.monotonic() - stats.started,
+                        "sessions": reply.sessions,
+                        "slots_used": reply.slots_used,
+                        "kv_bytes": sum(r.kv_bytes for r in reply.replicas),
+                        "replica_rss_bytes": sum(r.process_rss_bytes for r in reply.replicas),
+                        "gateway_rss_bytes": reply.gateway_rss_bytes,
+                        "generated_tokens": sum(r.generated_tokens for r in reply.replicas),
+                    }
+                )
+            except grpc.aio.AioRpcError as error:
+                stats.error(error.code())
+            try:
+                await asyncio.wait_for(stop.wait(), config.stats_interval_s)
+                return
+            except TimeoutError:
+                pass
+
+
+async def _progress(stats: LoadStats, stop: asyncio.Event, live) -> None:
+    last = time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        window = stats._window_ttft
+        stats._window_ttft = []
+        point = {
+            "t": now - stats.started,
+            "active_sessions": stats.active,
+            "tokens_per_s": stats._window_tokens / (now - last),
+            "ttft_ms_p50": 1000 * sorted(window)[len(window) // 2] if window else None,
+            "turns": stats.turns,
+        }
+        stats._window_tokens = 0
+        last = now
+        stats.timeline.append(point)
+        if live is not None:
+            live(point, stats)
+
+
+async def run(config: LoadConfig, live=None) -> LoadStats:
+    """Run the load; `live(point, stats)` is called once a second for progress output."""
+    stats = LoadStats()
+    stop = asyncio.Event()
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_concurrent_streams", 100_000)]
+    channels = [
+        grpc.aio.insecure_channel(config.target, options=options) for _ in range(config.channels)
+    ]
+    sampler = asyncio.create_task(_sample_server(config, stats, stop))
+    progress = asyncio.create_task(_progress(stats, stop, live))
+    deadline = time.monotonic() + config.ramp_s + config.duration_s
+    try:
+        await asyncio.gather(
+            *(
+                _converse(config, stats, channels[i % len(channels)], i, deadline)
+                for i in range(config.sessions)
+            )
+        )
+    finally:
+        stop.set()
+        await asyncio.gather(sampler, progress)
+        for channel in channels:
+            await channel.close()
+    stats.elapsed = time.monotonic() - stats.started
+    return stats
+
+
+def _percentiles(histogram: HdrHistogram) -> dict[str, float]:
+    if histogram.get_total_count() == 0:
+        return {"p50": None, "p95": None, "p99": None, "count": 0}
+    return {
+        "p50": histogram.get_value_at_percentile(50) / 1000,
+        "p95": histogram.get_value_at_percentile(95) / 1000,
+        "p99": histogram.get_value_at_percentile(99) / 1000,
+        "count": histogram.get_total_count(),
+    }
+
+
+def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
+    server = stats.server
+    # Warm-up: the ramp plus a quarter of the run (at most 15 s), while allocators find their size.
+    warm_from = config.ramp_s + min(15.0, config.duration_s / 4)
+    warm = [s for s in server if s["t"] >= warm_from] or server
+    measured = config.duration_s  # tokens/s over the steady part (after the ramp)
+    steady_tokens = sum(p["tokens_per_s"] for p in stats.timeline if p["t"] > config.ramp_s)
+    steady_points = sum(1 for p in stats.timeline if p["t"] > config.ramp_s)
+
+    def growth(key: str) -> float | None:
+        if not warm or not warm[0][key]:
+            return None
+        return 100.0 * (warm[-1][key] - warm[0][key]) / warm[0][key]
+
+    return {
+        "target": config.target,
+        "sessions": config.sessions,
+        "duration_s": config.duration_s,
+        "ramp_s": config.ramp_s,
+        "warm_from_s": warm_from,
+        "sessions_opened": stats.opened,
+        "sessions_lost": stats.lost,
+        "sessions_resumed": stats.resumed,
+        "errors": dict(stats.errors),
+        "turns": stats.turns,
+        "tokens": stats.tokens,
+        "tokens_per_s": steady_tokens / steady_points if steady_points else stats.tokens / measured,
+        "ttft_ms": _percentiles(stats.ttft),
+        "itl_ms": _percentiles(stats.itl),
+        "server": {
+            "kv_bytes_start": server[0]["kv_bytes"] if server else None,
+            "kv_bytes_end": server[-1]["kv_bytes"] if server else None,
+            "replica_rss_bytes_start": server[0]["replica_rss_bytes"] if server else None,
+            "replica_rss_bytes_after_warmup": warm[0]["replica_rss_bytes"] if warm else None,
+            "replica_rss_bytes_end": server[-1]["replica_rss_bytes"] if server else None,
+            "replica_rss_growth_after_warmup_pct": growth("replica_rss_bytes"),
+            "gateway_rss_bytes_start": server[0]["gateway_rss_bytes"] if server else None,
+            "gateway_rss_bytes_end": server[-1]["gateway_rss_bytes"] if server else None,
+            "gateway_rss_growth_after_warmup_pct": growth("gateway_rss_bytes"),
+        },
+        "timeline": stats.timeline,
+        "server_samples": server,
+    }
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """Throughput, first-token latency and server memory over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = data["timeline"]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    ts = [p["t"] for p in timeline]
+    axes[0].plot(ts, [p["tokens_per_s"] for p in timeline])
+    axes[0].set_ylabel("tokens/s to clients")
+    ax2 = axes[0].twinx()
+    ax2.plot(ts, [p["active_sessions"] for p in timeline], color="grey", linestyle="--")
+    ax2.set_ylabel("active sessions")
+    axes[1].plot(ts, [p["ttft_ms_p50"] for p in timeline], color="tab:orange")
+    axes[1].set_ylabel("first-token latency p50 (ms)")
+    samples = data["server_samples"]
+    st = [s["t"] for s in samples]
+    axes[2].plot(st, [s["replica_rss_bytes"] / 2**20 for s in samples], label="replicas RSS")
+    axes[2].plot(st, [s["gateway_rss_bytes"] / 2**20 for s in samples], label="gateway RSS")
+    axes[2].plot(st, [s["kv_bytes"] / 2**20 for s in samples], label="KV arenas")
+    axes[2].set_ylabel("MiB")
+    axes[2].set_xlabel("seconds")
+    axes[2].legend()
+    for ax in axes:
+        ax.axvline(data["ramp_s"], color="grey", linestyle=":")
+        ax.axvline(data["warm_from_s"], color="grey", linestyle="--", linewidth=0.8)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    fig.suptitle(
+        f"{data['sessions']} sessions, {data['duration_s']:.0f} s: {data['tokens_per_s']:.0f} tokens/s, "
+        f"lost {data['sessions_lost']}, errors {sum(data['errors'].values())}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
