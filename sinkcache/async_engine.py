@@ -239,7 +239,7 @@ class AsyncEngine:
                 while self._commands:
                     self._commands.popleft()()
                 worked = core.step()
-                if core.dirty:
+                if core.dirty or core.has_unsent:
                     now = time.perf_counter()
                     if not worked or now - self._last_flush >= self.flush_interval:
                         self._flush(now)
@@ -260,7 +260,7 @@ class AsyncEngine:
                 self._commands.popleft()()
 
     def _flush(self, now: float) -> None:
-        sinks, self.core.dirty = self.core.dirty, set()
+        sinks = self.core.take_dirty()
         self._last_flush = now
         if sinks and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_wake_all, sinks)

@@ -87,6 +87,7 @@ class EngineCore:
         self.counters = EngineCounters()
         self._inflight: tuple[StepRecord, StepResult, float] | None = None
         self.dirty: set[Any] = set()  # sinks with new events since the last flush
+        self._unsent: set[Request] = set()  # requests holding reply tokens not yet sent
 
     # -- sessions ----------------------------------------------------------------------------------
     def open_session(self, session_id: str, stream_base: int = 0) -> Session:
@@ -273,6 +274,10 @@ class EngineCore:
             self._inflight = None
 
     @property
+    def has_unsent(self) -> bool:
+        return bool(self._unsent)
+
+    @property
     def busy(self) -> bool:
         return self._inflight is not None or self.scheduler.has_work
 
@@ -307,24 +312,44 @@ class EngineCore:
                 self._finish(session, request, reason)
 
     def _emit(self, session: Session, request: Request, token: int) -> None:
+        """One reply token. Tokens collect in `request.unsent` and become one TokensEvent (text
+        decoded for all of them at once) when events are flushed, so per-token host work is a few
+        comparisons; a request with stop strings decodes every token to look for them."""
         request.emitted += 1
         request.last_token = token
+        request.unsent.append(token)
         self.counters.generated_tokens += 1
+        self._unsent.add(request)
         params = request.generation
-        is_eos = token in self.eos_ids and not params.ignore_eos
-        text = ""
-        if request.decoder is not None and not is_eos:
-            text = request.decoder.feed([token])
-        stream_pos = request.stream_start + request.emitted
-        self._push(request, TokensEvent([token], text, stream_pos))
-        if is_eos:
+        if token in self.eos_ids and not params.ignore_eos:
             self._finish(session, request, EndReason.EOS)
-        elif params.stop and text and self._hit_stop(request, text):
+        elif params.stop and self._hit_stop(request, self._materialize(request)):
             self._finish(session, request, EndReason.STOP, detail=request.text_tail)
         elif request.emitted >= params.max_new_tokens:
             self._finish(session, request, EndReason.LENGTH)
         elif request.cancelled and request.emitted >= request.planned:
             self._finish(session, request, EndReason.CANCELLED)
+
+    def _materialize(self, request: Request) -> str:
+        """Turn a request's unsent reply tokens into one TokensEvent; returns its text."""
+        ids, request.unsent = request.unsent, []
+        self._unsent.discard(request)
+        if not ids:
+            return ""
+        text = ""
+        if request.decoder is not None:
+            eos = ids[-1] in self.eos_ids and not request.generation.ignore_eos
+            text = request.decoder.feed(ids[:-1] if eos else ids)  # EOS has no text
+        request.sink.push(TokensEvent(ids, text, request.stream_start + request.emitted))
+        self.dirty.add(request.sink)
+        return text
+
+    def take_dirty(self) -> set[Any]:
+        """Sinks with new events since the last call (pending reply tokens become events now)."""
+        for request in list(self._unsent):
+            self._materialize(request)
+        dirty, self.dirty = self.dirty, set()
+        return dirty
 
     @staticmethod
     def _hit_stop(request: Request, text: str) -> bool:
@@ -373,5 +398,7 @@ class EngineCore:
         )
 
     def _push(self, request: Request, event: Any) -> None:
+        if request.unsent:  # keep events in order: reply tokens first
+            self._materialize(request)
         request.sink.push(event)
         self.dirty.add(request.sink)

@@ -74,7 +74,7 @@ class TurnEndEvent:
 Event = TokensEvent | ScoresEvent | TurnEndEvent
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are tracked in sets
 class Request:
     """One append: tokens to add to the stream, and maybe a reply to generate."""
 
@@ -99,6 +99,7 @@ class Request:
     variant: SamplerVariant = SamplerVariant.GREEDY
     decoder: Any = None  # incremental detokenizer for this reply
     text_tail: str = ""  # recent reply text, long enough to spot stop strings
+    unsent: list[int] = field(default_factory=list)  # reply tokens not yet turned into an event
     unscored: int = 0  # scores still to arrive
 
 
@@ -109,7 +110,7 @@ class SessionState(enum.Enum):
     DRAIN = "drain"  # no more steps planned; waiting for outputs in flight
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     session_id: str
     slot: int

@@ -223,6 +223,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         ramp_s=args.ramp,
         think_s=(args.think_min, args.think_max),
         max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
         seed=args.seed,
     )
     console = Console(stderr=True)
@@ -331,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--think-min", type=float, default=0.5)
     lt.add_argument("--think-max", type=float, default=1.5)
     lt.add_argument("--max-new-tokens", type=int, default=24)
+    lt.add_argument("--temperature", type=float, default=0.8)
+    lt.add_argument("--top-p", type=float, default=0.95)
     lt.add_argument("--seed", type=int, default=0)
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")

@@ -76,6 +76,8 @@ class LoadConfig:
     ramp_s: float = 10.0
     think_s: tuple[float, float] = (0.5, 1.5)
     max_new_tokens: int = 24
+    temperature: float = 0.8
+    top_p: float = 0.95
     words_per_turn: tuple[int, int] = (4, 16)
     channels: int = 16
     stats_interval_s: float = 2.0
@@ -119,7 +121,9 @@ async def _converse(
         return
     stats.opened += 1
     stats.active += 1
-    params = pb.GenerationParams(max_new_tokens=config.max_new_tokens, temperature=0.8, top_p=0.95)
+    params = pb.GenerationParams(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+    )
     resumed_once = False
     try:
         while time.monotonic() < deadline:

@@ -1,0 +1,229 @@
+"""The gateway's gRPC service: routes session streams to replicas and pipes them as raw bytes.
+
+It reads only the first message of a Session stream: Resume names the session, whose id begins
+with the id of the replica that holds it; Open goes to the replica with the most free slots (a
+replica that turns out to be full passes the Open on to the next). After that the stream is piped
+as raw bytes both ways. It also answers Stats (by asking every replica), the standard
+grpc.health.v1 health service, and server reflection. No Ray here: the Serve deployment
+(deployments/gateway.py) feeds it replicas from the directory, the Ray-free launcher
+(deployments/standalone.py) from fixed addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import psutil
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deployments.convert import StreamError
+from deployments.session_service import SERVER_OPTIONS
+from sinkserve.v1 import streaming_llm_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE = "sinkserve.v1.StreamingLLM"
+SESSION_METHOD = f"/{SERVICE}/Session"
+STATS_METHOD = f"/{SERVICE}/Stats"
+CHANNELS_PER_REPLICA = 4  # HTTP/2 connections to each replica (spreads streams over them)
+
+
+@dataclass
+class Backend:
+    """One replica as the gateway sees it."""
+
+    replica_id: str
+    address: str
+    slots_free: int = 0
+    placed: int = 0  # new sessions sent here since the last directory update
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    _next: int = 0
+
+    def connect(self) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [
+            grpc.aio.insecure_channel(self.address, options=options)
+            for _ in range(CHANNELS_PER_REPLICA)
+        ]
+
+    def channel(self) -> grpc.aio.Channel:
+        self._next = (self._next + 1) % len(self.channels)
+        return self.channels[self._next]
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+class _Refused(Exception):
+    """The replica refused to open a session (full): the next one may have room."""
+
+
+class GatewayService:
+    """Routing state and the gRPC handlers; `update(infos)` tells it which replicas exist."""
+
+    def __init__(self) -> None:
+        self.backends: dict[str, Backend] = {}
+        self.health = health.aio.HealthServicer()
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> grpc.aio.Server:
+        """Listen on host:port; `reuse_port` lets several gateway processes share the port (the
+        kernel spreads connections over them)."""
+        options = [o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"]
+        server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", int(reuse_port))])
+        handlers = {
+            "Session": grpc.stream_stream_rpc_method_handler(self.session),
+            "Stats": grpc.unary_unary_rpc_method_handler(
+                self.stats,
+                request_deserializer=pb.StatsRequest.FromString,
+                response_serializer=pb.StatsResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        if server.add_insecure_port(f"{host}:{port}") == 0:
+            raise RuntimeError(f"cannot listen on {host}:{port}")
+        await server.start()
+        await self._set_serving(False)
+        return server
+
+    # -- replicas --------------------------------------------------------------------------------
+    async def update(self, infos: list[dict]) -> None:
+        """The replicas that exist now: [{replica_id, address, slots_free}, ...]."""
+        seen = set()
+        for info in infos:
+            replica_id = info["replica_id"]
+            seen.add(replica_id)
+            backend = self.backends.get(replica_id)
+            if backend is None or backend.address != info["address"]:
+                if backend is not None:
+                    await backend.close()
+                backend = Backend(replica_id, info["address"])
+                backend.connect()
+                self.backends[replica_id] = backend
+            backend.slots_free = info["slots_free"]
+            backend.placed = 0
+        for replica_id in set(self.backends) - seen:
+            await self.backends.pop(replica_id).close()
+        await self._set_serving(bool(self.backends))
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    def _candidates(self, first: pb.ClientMessage) -> list[Backend]:
+        """Backends to try for this stream, best first."""
+        kind = first.WhichOneof("kind")
+        if kind == "resume":
+            session_id = first.resume.session_id
+            backend = self.backends.get(session_id.split(".", 1)[0])
+            if backend is None:
+                raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} not found")
+            return [backend]
+        if not self.backends:
+            raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
+        backends = list(self.backends.values())
+        random.shuffle(backends)  # equal room: spread evenly
+        return sorted(backends, key=lambda b: b.slots_free - b.placed, reverse=True)
+
+    # -- Session ---------------------------------------------------------------------------------
+    async def session(self, request_iterator, context) -> AsyncIterator[bytes]:
+        requests = aiter(request_iterator)
+        raw_first = await anext(requests, None)
+        if raw_first is None:
+            return
+        try:
+            first = pb.ClientMessage.FromString(raw_first)
+            candidates = self._candidates(first)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed client message")
+        except StreamError as error:
+            await context.abort(error.code, error.message)
+        opening = first.WhichOneof("kind") == "open"
+        for backend in candidates:
+            if opening:
+                backend.placed += 1
+            try:
+                async for response in self._pipe(backend, raw_first, requests, context):
+                    yield response
+                return
+            except _Refused:
+                continue  # another replica may have a free slot
+            except grpc.aio.AioRpcError as error:
+                await context.abort(error.code(), error.details() or "replica error")
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot on any replica"
+        )
+
+    async def _pipe(
+        self, backend: Backend, raw_first: bytes, requests, context
+    ) -> AsyncIterator[bytes]:
+        """Relay one stream to `backend`. Client messages after the first wait until the replica
+        has answered it, so a refused Open can go on to the next replica with nothing lost."""
+        opened = asyncio.Event()
+
+        async def upstream() -> AsyncIterator[bytes]:
+            yield raw_first
+            await opened.wait()
+            async for raw in requests:
+                yield raw
+
+        call = backend.channel().stream_stream(SESSION_METHOD)(upstream())
+        try:
+            first_response = True
+            async for response in call:
+                if first_response:
+                    first_response = False
+                    opened.set()
+                yield response
+        except grpc.aio.AioRpcError as error:
+            if first_response and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _Refused() from None
+            raise
+        finally:
+            call.cancel()
+
+    # -- Stats -------------------------------------------------------------------------------------
+    async def stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        async def one(backend: Backend) -> pb.StatsResponse | None:
+            method = backend.channel().unary_unary(
+                STATS_METHOD,
+                request_serializer=pb.StatsRequest.SerializeToString,
+                response_deserializer=pb.StatsResponse.FromString,
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                return await method(pb.StatsRequest(), timeout=2.0)
+            return None
+
+        answers = await asyncio.gather(*(one(b) for b in list(self.backends.values())))
+        response = pb.StatsResponse(gateway_rss_bytes=psutil.Process().memory_info().rss)
+        for answer in answers:
+            if answer is None:
+                continue
+            response.replicas.extend(answer.replicas)
+            response.sessions += answer.sessions
+            response.slots_total += answer.slots_total
+            response.slots_used += answer.slots_used
+            response.slots_free += answer.slots_free
+        return response
+
+    async def close(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        for backend in self.backends.values():
+            await backend.close()

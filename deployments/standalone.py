@@ -1,0 +1,111 @@
+"""Run a replica or a gateway without Ray: same gRPC services, fixed addresses.
+
+For machines where Ray cannot run (the benchmark GPU box) and for debugging one piece alone:
+
+    python -m deployments.standalone replica --model default --port 50071
+    python -m deployments.standalone gateway --port 50070 --replica localhost:50071
+
+The gateway asks each replica for its id and free slots every half second (the Stats RPC), which
+is what the Serve deployment learns from the directory instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+
+from deployments.gateway_service import GatewayService
+from deployments.session_service import start_replica_server
+from deployments.settings import AppSettings
+from sinkserve.v1 import streaming_llm_pb2 as pb
+from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sinkserve.standalone")
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_replica(settings: AppSettings, port: int, replica_id: str) -> None:
+    from sinkcache.builder import EngineConfig, build_engine
+
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(
+        None, build_engine, EngineConfig(**settings.engine_kwargs())
+    )
+    engine.flush_interval = settings.flush_interval_s
+    engine.start(loop)
+    server, sessions, _, bound = await start_replica_server(engine, replica_id, settings, port)
+    expiry = loop.create_task(sessions.expire())
+    print(f"ready replica {replica_id} on port {bound}", flush=True)
+    await _until_signal()
+    expiry.cancel()
+    await server.stop(grace=2)
+    await engine.shutdown()
+
+
+async def run_gateway(host: str, port: int, replicas: list[str], reuse_port: bool) -> None:
+    service = GatewayService()
+    server = await service.start(host, port, reuse_port)
+
+    async def poll() -> None:
+        channels = {address: grpc.aio.insecure_channel(address) for address in replicas}
+        while True:
+            infos = []
+            for address, channel in channels.items():
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    stats = await pb_grpc.StreamingLLMStub(channel).Stats(
+                        pb.StatsRequest(), timeout=2
+                    )
+                    for replica in stats.replicas:
+                        infos.append(
+                            {
+                                "replica_id": replica.replica_id,
+                                "address": address,
+                                "slots_free": replica.slots_free,
+                            }
+                        )
+            await service.update(infos)
+            await asyncio.sleep(0.5)
+
+    poller = asyncio.get_running_loop().create_task(poll())
+    print(f"ready gateway on {host}:{port} for {', '.join(replicas)}", flush=True)
+    await _until_signal()
+    poller.cancel()
+    await service.close()
+    await server.stop(grace=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="role", required=True)
+    rep = sub.add_parser("replica")
+    rep.add_argument("--port", type=int, default=50071)
+    rep.add_argument("--replica-id", default="r0")
+    rep.add_argument("--set", nargs="*", default=[], help="AppSettings key=value pairs")
+    gw = sub.add_parser("gateway")
+    gw.add_argument("--host", default="0.0.0.0")
+    gw.add_argument("--port", type=int, default=50070)
+    gw.add_argument("--replica", action="append", required=True, help="replica address (repeat)")
+    gw.add_argument("--reuse-port", action="store_true", help="share the port with other gateways")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    if args.role == "replica":
+        settings = AppSettings.from_args(dict(item.split("=", 1) for item in args.set))
+        asyncio.run(run_replica(settings, args.port, args.replica_id))
+    else:
+        asyncio.run(run_gateway(args.host, args.port, args.replica, args.reuse_port))
+
+
+if __name__ == "__main__":
+    main()
