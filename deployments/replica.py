@@ -40,6 +40,7 @@ class SessionReplica:
         config = EngineConfig(**settings.engine_kwargs())
         self.engine = await loop.run_in_executor(None, build_engine, config)
         self.engine.flush_interval = settings.flush_interval_s
+        self.engine.max_events_per_s = settings.max_events_per_s
         self.engine.start(loop)
         self.metrics = ReplicaMetrics(self.replica_id)
         self.server, self.sessions, self.health, port = await start_replica_server(

@@ -32,6 +32,7 @@ class AppSettings:
     gateways: int = 1  # one per node that should accept clients
     session_ttl_s: float = 3600.0  # a session with no stream attached is closed after this
     flush_interval_s: float = 0.005  # how often replies are flushed to clients (coalescing)
+    max_events_per_s: float = 5000.0  # under load, coalesce more so messages/s stay near this
     resume_secret: str = field(default_factory=lambda: secrets.token_hex(32))
     application: str = "sinkserve"
 

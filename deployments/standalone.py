@@ -44,6 +44,7 @@ async def run_replica(settings: AppSettings, port: int, replica_id: str) -> None
         None, build_engine, EngineConfig(**settings.engine_kwargs())
     )
     engine.flush_interval = settings.flush_interval_s
+    engine.max_events_per_s = settings.max_events_per_s
     engine.start(loop)
     server, sessions, _, bound = await start_replica_server(engine, replica_id, settings, port)
     expiry = loop.create_task(sessions.expire())

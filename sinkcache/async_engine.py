@@ -98,9 +98,14 @@ class RequestStream:
 class AsyncEngine:
     """Owns an EngineCore and the thread that steps it."""
 
-    def __init__(self, core: EngineCore, flush_interval: float = 0.005) -> None:
+    def __init__(
+        self, core: EngineCore, flush_interval: float = 0.005, max_events_per_s: float = 5000.0
+    ) -> None:
         self.core = core
         self.flush_interval = flush_interval
+        # Under load, flush less often so the events sent per second stay near this rate: each
+        # event is a message to a client, and Python pays per message, not per token.
+        self.max_events_per_s = max_events_per_s
         self._commands: deque[Callable[[], None]] = deque()
         self._wakeup = threading.Event()
         self._stopping = False
@@ -239,9 +244,11 @@ class AsyncEngine:
                 while self._commands:
                     self._commands.popleft()()
                 worked = core.step()
-                if core.dirty or core.has_unsent:
+                pending = core.pending_sinks
+                if pending:
                     now = time.perf_counter()
-                    if not worked or now - self._last_flush >= self.flush_interval:
+                    interval = max(self.flush_interval, pending / self.max_events_per_s)
+                    if not worked or now - self._last_flush >= interval:
                         self._flush(now)
                 if not worked and not core.busy and not self._commands:
                     self._wakeup.wait(timeout=0.05)

@@ -274,8 +274,9 @@ class EngineCore:
             self._inflight = None
 
     @property
-    def has_unsent(self) -> bool:
-        return bool(self._unsent)
+    def pending_sinks(self) -> int:
+        """About how many sinks the next flush will wake."""
+        return len(self._unsent) + len(self.dirty)
 
     @property
     def busy(self) -> bool:

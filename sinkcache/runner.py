@@ -107,12 +107,22 @@ class ModelRunner:
 
     # -- public -----------------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
-        """Enqueue one step; the returned result's arrays are valid after `wait()`."""
+        """Enqueue one step; the returned result's arrays are valid after `wait()`.
+
+        With CUDA graphs the decode rows always run as a graph replay; prefill chunks in the same
+        step then run as a second, eager forward (the rows belong to different sessions, so the
+        order does not matter). Thousands of chatting sessions start a turn almost every step,
+        and a step that fell back to eager for everyone would be launch-bound.
+        """
         nd = len(plan.decode_slots)
-        if nd and not plan.prefill and self.use_cuda_graphs and nd <= DECODE_BUCKETS[-1]:
+        if nd and self.use_cuda_graphs and nd <= DECODE_BUCKETS[-1]:
             decode_tokens = self._replay_decode(plan)
-            return self._to_host(decode_tokens, None, None)
-        return self._eager(plan)
+            if not plan.prefill:
+                return self._to_host(decode_tokens, None, None)
+            prefill_only = StepPlan(prefill=plan.prefill, variant=plan.variant)
+            _, prefill_tokens, scores = self._eager(prefill_only)
+            return self._to_host(decode_tokens, prefill_tokens, scores)
+        return self._to_host(*self._eager(plan))
 
     def forward_logits(
         self, plan: StepPlan, decode_tokens: list[int] | None = None
@@ -136,7 +146,10 @@ class ModelRunner:
         return logits
 
     # -- eager path --------------------------------------------------------------------------------
-    def _eager(self, plan: StepPlan) -> StepResult:
+    def _eager(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """One eager forward; (decode tokens, sampled prefill tokens, scores) on the device."""
         decode_slots = self._decode_slot_tensor(plan)
         batch, sample_rows, score_targets = self._build_batch(decode_slots, plan.prefill)
         logits = self.model(batch, self.arena, self.attention)
@@ -157,7 +170,7 @@ class ModelRunner:
         self.arena.seen[batch.prefill_slots] = batch.prefill_seen
         decode_tokens = tokens[:nd] if tokens is not None else None
         prefill_tokens = tokens[nd:] if tokens is not None else None
-        return self._to_host(decode_tokens, prefill_tokens, scores)
+        return decode_tokens, prefill_tokens, scores
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         host = torch.tensor(values, dtype=torch.int64)
