@@ -36,7 +36,11 @@ def build_app(args: dict[str, Any] | AppSettings | None = None) -> Application:
         graceful_shutdown_timeout_s=30,
         health_check_period_s=10,
     ).bind(settings, directory)
+    gateway_actor = {"num_cpus": 0}
+    if settings.gateway_resource:
+        gateway_actor["resources"] = {settings.gateway_resource: 1}
     return Gateway.options(
         num_replicas=settings.gateways,
         max_replicas_per_node=1,
+        ray_actor_options=gateway_actor,
     ).bind(settings, directory, replicas)

@@ -30,6 +30,9 @@ class AppSettings:
     host: str = "0.0.0.0"
     port: int = 50051  # the gateway's public gRPC port
     gateways: int = 1  # one per node that should accept clients
+    # Place gateways only on Ray nodes offering this custom resource (one unit per node): on
+    # Kubernetes, the pods a Service sends clients to. None: anywhere, one per node at most.
+    gateway_resource: str | None = None
     session_ttl_s: float = 3600.0  # a session with no stream attached is closed after this
     flush_interval_s: float = 0.005  # how often replies are flushed to clients (coalescing)
     max_events_per_s: float = 5000.0  # under load, coalesce more so messages/s stay near this

@@ -268,15 +268,19 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
     server = stats.server
     # Warm-up: the ramp plus a quarter of the run (at most 15 s), while allocators find their size.
     warm_from = config.ramp_s + min(15.0, config.duration_s / 4)
-    warm = [s for s in server if s["t"] >= warm_from] or server
+    steady_end = config.ramp_s + config.duration_s  # after it, sessions close and memory drops
+    warm = [s for s in server if warm_from <= s["t"] <= steady_end] or server
     measured = config.duration_s  # tokens/s over the steady part (after the ramp)
     steady_tokens = sum(p["tokens_per_s"] for p in stats.timeline if p["t"] > config.ramp_s)
     steady_points = sum(1 for p in stats.timeline if p["t"] > config.ramp_s)
 
     def growth(key: str) -> float | None:
-        if not warm or not warm[0][key]:
-            return None
-        return 100.0 * (warm[-1][key] - warm[0][key]) / warm[0][key]
+        """Trend after warm-up: mean of the last quarter of samples against the first quarter
+        (single samples of process memory jitter with the allocator)."""
+        quarter = max(1, len(warm) // 4)
+        first = sum(s[key] for s in warm[:quarter]) / quarter
+        last = sum(s[key] for s in warm[-quarter:]) / quarter
+        return 100.0 * (last - first) / first if first else None
 
     return {
         "target": config.target,
