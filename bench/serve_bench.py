@@ -21,23 +21,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-WORDS = [
-    "the",
-    "stream",
-    "goes",
-    "on",
-    "and",
-    "every",
-    "session",
-    "keeps",
-    "its",
-    "sinks",
-    "while",
-    "the",
-    "window",
-    "rolls",
-    "forward",
-]
+from sinkserve.loadtest import WORDS
 
 
 def engine_alone(args: argparse.Namespace) -> dict:

@@ -85,13 +85,13 @@ class RequestStream:
             self._done = True
         elif isinstance(first, TokensEvent):
             # Coalesce consecutive token events into one.
-            ids, text = list(first.ids), [first.text]
+            ids, text, stream_pos = list(first.ids), [first.text], first.stream_pos
             while self._events and isinstance(self._events[0], TokensEvent):
                 more = self._events.popleft()
                 ids += more.ids
                 text.append(more.text)
-                first = TokensEvent(ids, "", more.stream_pos)
-            first = TokensEvent(ids, "".join(text), first.stream_pos)
+                stream_pos = more.stream_pos
+            first = TokensEvent(ids, "".join(text), stream_pos)
         return first
 
 

@@ -243,3 +243,39 @@ async def test_seeded_sampling_is_independent_of_batching(models) -> None:
         finally:
             await engine.shutdown()
     assert outputs[0] == outputs[1]
+
+
+async def test_text_chat_and_stop_strings_with_a_tokenizer() -> None:
+    """Text appends, chat turns and stop strings, on the tiny model with the default tokenizer."""
+    from sinkcache.builder import EngineConfig, build_engine
+    from sinkcache.inputs import ChatTurn, TextInput
+
+    engine = build_engine(EngineConfig(model="tiny", sink=4, window=60, slots=4))
+    engine.flush_interval = 0.0
+    engine.start()
+    try:
+        session = (await engine.open_session()).session_id
+        greedy = GenerationParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+        ids, _, end = await collect(await engine.append(session, ChatTurn("user", "hi"), greedy))
+        assert end.reason == EndReason.LENGTH and len(ids) == 40
+        codec = engine.core.codec
+        full = codec.decode(ids)
+        stop = full[10:13]  # a piece of what greedy decoding says next, from the same state
+        other = (await engine.open_session()).session_id
+        params = GenerationParams(max_new_tokens=40, temperature=0.0, ignore_eos=True, stop=(stop,))
+        stream = await engine.append(other, ChatTurn("user", "hi"), params)
+        text, end = "", None
+        async for event in stream:
+            if isinstance(event, TokensEvent):
+                text += event.text
+            elif isinstance(event, TurnEndEvent):
+                end = event
+        assert end.reason == EndReason.STOP and end.detail == stop
+        assert stop in text and len(text) < len(full)
+        assert full.startswith(text)  # the same greedy reply, cut at the stop string
+        _, scores, end = await collect(
+            await engine.append(session, TextInput(" and so on"), score=True)
+        )
+        assert end.reason == EndReason.APPENDED and all(s.logprobs for s in scores)
+    finally:
+        await engine.shutdown()

@@ -15,7 +15,7 @@ from sinkcache.loader import load_model
 
 pytestmark = pytest.mark.slow
 
-TOKENS = 1000
+TOKENS = 2000
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,78 @@
+"""`sinkserve serve` and `sinkserve chat` as a user runs them: real processes, real Ray, real gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.service import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_prints_ready_chat_talks_and_sigterm_stops_cleanly() -> None:
+    port = free_port()
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sinkserve.cli",
+            "serve",
+            "--model",
+            "tiny",
+            "--slots",
+            "8",
+            "--window",
+            "60",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = serve.stdout.readline()
+            assert line, "serve exited before it was ready:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("ready "):
+                break
+        assert lines[-1].startswith(f"ready 127.0.0.1:{port}")
+
+        chat = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sinkserve.cli",
+                "chat",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--max-new-tokens",
+                "5",
+            ],
+            input="hello there\n/close\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert chat.returncode == 0, chat.stderr
+        assert "resume with: --session" in chat.stdout
+
+        serve.send_signal(signal.SIGTERM)
+        out, _ = serve.communicate(timeout=90)
+        assert serve.returncode == 0, out
+        assert "shutting down" in out
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
