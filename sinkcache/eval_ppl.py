@@ -12,6 +12,7 @@ token per step by default as the paper's evaluation does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -83,17 +84,7 @@ def _run_until(core: EngineCore, sinks: list[_Collect], on_step=None) -> None:
 def _core_for(
     loaded: LoadedModel, sink: int, window: int, slots: int, base: EngineConfig
 ) -> EngineCore:
-    config = EngineConfig(
-        model=loaded.name,
-        sink=sink,
-        window=window,
-        slots=slots,
-        dtype=base.dtype,
-        device=base.device,
-        prefill_budget=base.prefill_budget,
-        cuda_graphs=base.cuda_graphs,
-        attention=base.attention,
-    )
+    config = dataclasses.replace(base, model=loaded.name, sink=sink, window=window, slots=slots)
     return build_core(config, loaded)
 
 

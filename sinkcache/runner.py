@@ -183,7 +183,8 @@ class ModelRunner:
         if cached is not None and plan.decode_version >= 0 and cached[0] == plan.decode_version:
             return cached[1]
         slots = self._tensor(plan.decode_slots)
-        self._decode_slots_cache = (plan.decode_version, slots)
+        if plan.decode_version >= 0:  # unversioned plans (tests, prefill-only halves) are not kept
+            self._decode_slots_cache = (plan.decode_version, slots)
         return slots
 
     def _build_batch(
@@ -320,7 +321,6 @@ class _DecodeGraph:
         self.version = -2
         scratch = runner.arena.scratch_slot
         self.slots = torch.full((bucket,), scratch, dtype=torch.int64, device=runner.device)
-        self._host_slots = torch.full((bucket,), scratch, dtype=torch.int64).pin_memory()
         # Warm up on a side stream (allocations, autotuning), then capture.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -336,9 +336,10 @@ class _DecodeGraph:
     def set_slots(self, slots: list[int], version: int) -> None:
         if version >= 0 and version == self.version:
             return
-        host = self._host_slots
-        host.fill_(self.runner.arena.scratch_slot)
-        host[: len(slots)] = torch.tensor(slots, dtype=torch.int64)
+        # A fresh pinned buffer each time: the previous step's copy may not have run yet, and the
+        # caching host allocator keeps a buffer alive until its copy has.
+        padded = slots + [self.runner.arena.scratch_slot] * (self.bucket - len(slots))
+        host = torch.tensor(padded, dtype=torch.int64).pin_memory()
         self.slots.copy_(host, non_blocking=True)
         self.version = version
 
