@@ -37,9 +37,14 @@ def engine_alone(args: argparse.Namespace) -> dict:
     )
 
     async def main() -> dict:
-        config = EngineConfig(model=args.model, sink=4, window=args.window, slots=args.sessions)
+        config = EngineConfig(
+            model=args.model,
+            sink=4,
+            window=args.window,
+            slots=args.sessions,
+            flush_interval_s=args.flush_interval,
+        )
         engine = build_engine(config)
-        engine.flush_interval = args.flush_interval
         engine.start()
         deadline = time.monotonic() + args.ramp + args.duration
         steady_from = time.monotonic() + args.ramp
@@ -77,6 +82,7 @@ def served(args: argparse.Namespace, out: Path) -> dict:
         f"window={args.window}",
         f"slots={args.sessions}",
         f"flush_interval_s={args.flush_interval}",
+        f"engine_process={not args.engine_thread}",
     ]
     procs = [
         subprocess.Popen(
@@ -150,8 +156,31 @@ def served(args: argparse.Namespace, out: Path) -> dict:
         )
         for c in range(args.clients)
     ]
+    profiler = None
+    if args.profile:
+        # Sample the replica (and its engine process) during the steady phase.
+        time.sleep(args.ramp + 5)
+        profiler = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(procs[0].pid),
+                "--subprocesses",
+                "--duration",
+                "20",
+                "--format",
+                "raw",
+                "--output",
+                str(out / "replica_profile.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
     for client in clients:
         client.wait()
+    replica_stats = asyncio.run(_replica_stats("localhost:50071"))
+    if profiler is not None:
+        profiler.wait()
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=30)
@@ -166,7 +195,20 @@ def served(args: argparse.Namespace, out: Path) -> dict:
         "itl_ms_p50": [r["itl_ms"]["p50"] for r in results],
         "itl_ms_p99": [r["itl_ms"]["p99"] for r in results],
         "turns": sum(r["turns"] for r in results),
+        "replica": replica_stats,
     }
+
+
+async def _replica_stats(address: str) -> dict:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from sinkserve.v1 import streaming_llm_pb2 as pb
+    from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=10)
+    return MessageToDict(reply.replicas[0], preserving_proto_field_name=True)
 
 
 def main() -> None:
@@ -186,6 +228,12 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--json", default="serve_bench.json")
     parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="py-spy the replica for 20 s")
+    parser.add_argument(
+        "--engine-thread",
+        action="store_true",
+        help="served: run the replica's engine on a thread of the gRPC process (not a child)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     result = {"date": date.today().isoformat(), "config": vars(args)}

@@ -24,24 +24,18 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class SessionReplica:
-    """A thin Serve shell around one AsyncEngine and its gRPC server."""
+    """A thin Serve shell around one engine and its gRPC server."""
 
     async def __init__(self, settings: AppSettings, directory) -> None:
         import ray
-        import torch
 
-        from sinkcache.builder import EngineConfig, build_engine
+        from sinkcache.builder import EngineConfig, start_engine
 
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         loop = asyncio.get_running_loop()
         config = EngineConfig(**settings.engine_kwargs())
-        self.engine = await loop.run_in_executor(None, build_engine, config)
-        self.engine.flush_interval = settings.flush_interval_s
-        self.engine.max_events_per_s = settings.max_events_per_s
-        self.engine.start(loop)
+        self.engine = await start_engine(config, in_process=not settings.engine_process)
         self.metrics = ReplicaMetrics(self.replica_id)
         self.server, self.sessions, self.health, port = await start_replica_server(
             self.engine, self.replica_id, settings
@@ -54,8 +48,8 @@ class SessionReplica:
         ]
         log.info("replica %s serving sessions on %s", self.replica_id, self.address)
 
-    def info(self) -> dict:
-        stats = self.engine.stats()
+    async def info(self) -> dict:
+        stats = await self.engine.stats()
         return {
             "replica_id": self.replica_id,
             "address": self.address,
@@ -67,8 +61,10 @@ class SessionReplica:
     async def _heartbeat(self) -> None:
         while True:
             try:
-                await self.directory.heartbeat.remote(self.info())
-                self.metrics.record(self.engine.stats(), self.engine.take_step_seconds())
+                await self.directory.heartbeat.remote(await self.info())
+                self.metrics.record(
+                    await self.engine.stats(), await self.engine.take_step_seconds()
+                )
             except Exception:  # the directory restarting; try again next beat
                 log.warning("heartbeat to the directory failed", exc_info=True)
             await asyncio.sleep(1.0)

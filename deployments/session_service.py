@@ -1,4 +1,4 @@
-"""The replica side of the gRPC contract: session streams served from one AsyncEngine.
+"""The replica side of the gRPC contract: session streams served from one engine.
 
 No Ray here: the Serve deployment (deployments/replica.py) and the Ray-free launcher
 (deployments/standalone.py) both start a replica server with `start_replica_server`.
@@ -26,7 +26,9 @@ from deployments.convert import (
 )
 from deployments.resume import resume_token, token_matches
 from deployments.settings import AppSettings
-from sinkcache.async_engine import AsyncEngine, SessionInfo
+from sinkcache.async_engine import AsyncEngine
+from sinkcache.engine_loop import SessionInfo
+from sinkcache.engine_process import ProcessEngine
 from sinkcache.session import SessionNotFoundError
 from sinkserve.v1 import streaming_llm_pb2 as pb
 from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
@@ -47,7 +49,9 @@ _END = object()  # ends a stream normally
 class ReplicaSessions:
     """Which stream each session is attached to; sessions with none expire after a TTL."""
 
-    def __init__(self, engine: AsyncEngine, replica_id: str, settings: AppSettings) -> None:
+    def __init__(
+        self, engine: AsyncEngine | ProcessEngine, replica_id: str, settings: AppSettings
+    ) -> None:
         self.engine = engine
         self.replica_id = replica_id
         self.settings = settings
@@ -222,7 +226,7 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
                 turns.task_done()
 
     async def Stats(self, request, context) -> pb.StatsResponse:
-        stats = replica_stats(self.sessions)
+        stats = await replica_stats(self.sessions)
         return pb.StatsResponse(
             replicas=[stats],
             sessions=stats.sessions,
@@ -232,8 +236,8 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
         )
 
 
-def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
-    stats = sessions.engine.stats()
+async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
+    stats = await sessions.engine.stats()
     return pb.ReplicaStats(
         replica_id=sessions.replica_id,
         sessions=stats["sessions"],
@@ -244,16 +248,17 @@ def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
         steps=stats["steps"],
         step_ms_p50=stats["step_ms_p50"],
         kv_bytes=stats["kv_bytes"],
-        device=str(sessions.engine.core.arena.device),
+        device=stats["device"],
         model=sessions.settings.model,
-        process_rss_bytes=psutil.Process().memory_info().rss,
+        # this process plus the engine's own when it runs in a child process
+        process_rss_bytes=psutil.Process().memory_info().rss + stats["engine_rss_bytes"],
         decode_tokens=stats["decode_tokens"],
         prefill_tokens=stats["prefill_tokens"],
     )
 
 
 async def start_replica_server(
-    engine: AsyncEngine, replica_id: str, settings: AppSettings, port: int = 0
+    engine: AsyncEngine | ProcessEngine, replica_id: str, settings: AppSettings, port: int = 0
 ) -> tuple[grpc.aio.Server, ReplicaSessions, health.aio.HealthServicer, int]:
     """Serve `engine`'s sessions on `port` (0: any free port); returns the bound port too."""
     sessions = ReplicaSessions(engine, replica_id, settings)

@@ -26,6 +26,9 @@ class AppSettings:
     cpus_per_replica: float = 0.0
     torch_threads: int | None = None  # CPU engines: intra-op threads per replica
     cuda_graphs: bool = True
+    # The engine runs in a child process of the replica, so its loop never waits for the gRPC
+    # server's GIL; false keeps it on a thread of the replica process (one process to debug).
+    engine_process: bool = True
     prefill_budget: int | None = None
     host: str = "0.0.0.0"
     port: int = 50051  # the gateway's public gRPC port
@@ -63,6 +66,9 @@ class AppSettings:
             "device": self.device,
             "cuda_graphs": self.cuda_graphs,
             "prefill_budget": self.prefill_budget,
+            "torch_threads": self.torch_threads,
+            "flush_interval_s": self.flush_interval_s,
+            "max_events_per_s": self.max_events_per_s,
         }
 
 

@@ -37,15 +37,12 @@ async def _until_signal() -> None:
 
 
 async def run_replica(settings: AppSettings, port: int, replica_id: str) -> None:
-    from sinkcache.builder import EngineConfig, build_engine
+    from sinkcache.builder import EngineConfig, start_engine
 
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(
-        None, build_engine, EngineConfig(**settings.engine_kwargs())
+    engine = await start_engine(
+        EngineConfig(**settings.engine_kwargs()), in_process=not settings.engine_process
     )
-    engine.flush_interval = settings.flush_interval_s
-    engine.max_events_per_s = settings.max_events_per_s
-    engine.start(loop)
     server, sessions, _, bound = await start_replica_server(engine, replica_id, settings, port)
     expiry = loop.create_task(sessions.expire())
     print(f"ready replica {replica_id} on port {bound}", flush=True)

@@ -1,4 +1,4 @@
-"""AsyncEngine: the engine loop on its own thread, an asyncio API in front of it.
+"""AsyncEngine: the engine loop on a thread of this process, an asyncio API in front of it.
 
 The engine thread owns the EngineCore (and with it every device tensor): asyncio code hands it
 commands through a queue and gets results back through futures and per-request streams. Events
@@ -10,16 +10,14 @@ of cross-thread calls per step.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sinkcache.engine import EngineCore
+from sinkcache.engine_loop import EngineLoop, SessionInfo, engine_stats, session_info
 from sinkcache.inputs import AppendInput
 from sinkcache.sampling import GenerationParams
 from sinkcache.session import (
@@ -30,17 +28,7 @@ from sinkcache.session import (
     TurnEndEvent,
 )
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    slot: int
-    capacity: int
-    sink: int
-    window: int
-    stream_pos: int
+__all__ = ["AsyncEngine", "RequestStream", "SessionInfo"]
 
 
 class RequestStream:
@@ -96,60 +84,48 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns an EngineCore and the thread that steps it."""
+    """Owns an EngineCore and the thread that runs its EngineLoop."""
 
     def __init__(
         self, core: EngineCore, flush_interval: float = 0.005, max_events_per_s: float = 5000.0
     ) -> None:
         self.core = core
-        self.flush_interval = flush_interval
-        # Under load, flush less often so the events sent per second stay near this rate: each
-        # event is a message to a client, and Python pays per message, not per token.
-        self.max_events_per_s = max_events_per_s
-        self._commands: deque[Callable[[], None]] = deque()
-        self._wakeup = threading.Event()
-        self._stopping = False
+        self.loop = EngineLoop(core, self._deliver, flush_interval, max_events_per_s)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_flush = 0.0
         self._steps_taken = 0
-        self.error: BaseException | None = None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.loop.error
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="sinkcache-engine", daemon=True)
+        self._thread = threading.Thread(target=self.loop.run, name="sinkcache-engine", daemon=True)
         self._thread.start()
 
     async def shutdown(self) -> None:
-        self._stopping = True
-        self._wakeup.set()
+        self.loop.stop()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     # -- API ---------------------------------------------------------------------------------------
-    def _info(self, session) -> SessionInfo:
-        geometry = self.core.arena.geometry
-        return SessionInfo(
-            session.session_id,
-            session.slot,
-            geometry.capacity,
-            geometry.sink,
-            geometry.window,
-            session.stream_pos,
-        )
-
     async def open_session(
         self, session_id: str | None = None, stream_base: int = 0
     ) -> SessionInfo:
         session_id = session_id or uuid.uuid4().hex
-        return await self._call(lambda: self._info(self.core.open_session(session_id, stream_base)))
+        core = self.core
+        return await self._call(
+            lambda: session_info(core, core.open_session(session_id, stream_base))
+        )
 
     async def session_info(self, session_id: str, settled: bool = False) -> SessionInfo:
         """The session's state; `settled` waits until its running and queued requests are done
         (so the stream position is final, e.g. for a client resuming after a drop)."""
+        core = self.core
         if not settled:
-            return await self._call(lambda: self._info(self.core.session(session_id)))
+            return await self._call(lambda: session_info(core, core.session(session_id)))
         loop = self._loop
         future: asyncio.Future[SessionInfo] = loop.create_future()
 
@@ -158,9 +134,9 @@ class AsyncEngine:
                 error = SessionNotFoundError(f"session {session_id!r} was closed")
                 loop.call_soon_threadsafe(_set_exception, future, error)
             else:
-                loop.call_soon_threadsafe(_set_result, future, self._info(session))
+                loop.call_soon_threadsafe(_set_result, future, session_info(core, session))
 
-        await self._call(lambda: self.core.when_idle(session_id, on_idle))
+        await self._call(lambda: core.when_idle(session_id, on_idle))
         return await future
 
     async def append(
@@ -190,27 +166,13 @@ class AsyncEngine:
     async def held_tokens(self, session_id: str) -> list[int]:
         return await self._call(lambda: self.core.held_tokens(session_id))
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """A snapshot for metrics and the Stats RPC (read without locking: counters only)."""
-        core, arena = self.core, self.core.arena
-        recent = list(core.counters.step_seconds)[-256:]
-        return {
-            "sessions": len(core.sessions),
-            "slots_total": arena.num_slots,
-            "slots_used": arena.used_slots,
-            "slots_free": arena.free_slots,
-            "decoding": len(core.scheduler.decoding),
-            "prefill_queue": len(core.scheduler.prefilling),
-            "steps": core.counters.steps,
-            "decode_tokens": core.counters.decode_tokens,
-            "prefill_tokens": core.counters.prefill_tokens,
-            "generated_tokens": core.counters.generated_tokens,
-            "turns_finished": core.counters.turns_finished,
-            "step_ms_p50": 1000 * sorted(recent)[len(recent) // 2] if recent else 0.0,
-            "kv_bytes": arena.nbytes(),
-        }
+        stats = engine_stats(self.core)
+        stats["engine_rss_bytes"] = 0  # the engine shares this process
+        return stats
 
-    def take_step_seconds(self) -> list[float]:
+    async def take_step_seconds(self) -> list[float]:
         """Step durations recorded since the last call (at most the last 4096), for histograms."""
         counters = self.core.counters
         new = counters.steps - self._steps_taken
@@ -220,7 +182,7 @@ class AsyncEngine:
 
     # -- plumbing ----------------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:
-        if self._stopping or self.error is not None:
+        if self.loop.stopping or self.loop.error is not None:
             raise EngineStoppedError("the engine is not running")
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
@@ -233,43 +195,11 @@ class AsyncEngine:
             else:
                 loop.call_soon_threadsafe(_set_result, future, value)
 
-        self._commands.append(command)
-        self._wakeup.set()
+        self.loop.post(command)
         return await future
 
-    def _run(self) -> None:
-        core = self.core
-        try:
-            while not self._stopping:
-                while self._commands:
-                    self._commands.popleft()()
-                worked = core.step()
-                pending = core.pending_sinks
-                if pending:
-                    now = time.perf_counter()
-                    interval = max(self.flush_interval, pending / self.max_events_per_s)
-                    if not worked or now - self._last_flush >= interval:
-                        self._flush(now)
-                if not worked and not core.busy and not self._commands:
-                    self._wakeup.wait(timeout=0.05)
-                    self._wakeup.clear()
-            core.drain()
-        except BaseException as error:
-            log.exception("engine loop failed")
-            self.error = error
-            for session in list(core.sessions.values()):
-                for request in ([session.active] if session.active else []) + list(session.queue):
-                    request.sink.fail(EngineStoppedError(f"engine failed: {error}"))
-                    core.dirty.add(request.sink)
-        finally:
-            self._flush(time.perf_counter())
-            while self._commands:  # answer whoever is still waiting
-                self._commands.popleft()()
-
-    def _flush(self, now: float) -> None:
-        sinks = self.core.take_dirty()
-        self._last_flush = now
-        if sinks and self._loop is not None and not self._loop.is_closed():
+    def _deliver(self, sinks: set[RequestStream]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_wake_all, sinks)
 
 

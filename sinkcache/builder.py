@@ -1,4 +1,4 @@
-"""EngineConfig and `build_engine`: from settings to a running AsyncEngine.
+"""EngineConfig, `build_engine` and `start_engine`: from settings to a running engine.
 
 Placement decisions live here and nowhere else: device and dtype, the attention backend, CUDA graphs,
 and how many slots the arena gets (set directly or from a memory budget).
@@ -6,6 +6,7 @@ and how many slots the arena gets (set directly or from a memory budget).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from sinkcache.arena import CacheGeometry, KVArena, slots_for_budget
 from sinkcache.async_engine import AsyncEngine
 from sinkcache.attention.backend import select_backend
 from sinkcache.engine import EngineCore
+from sinkcache.engine_process import ProcessEngine
 from sinkcache.loader import LoadedModel, load_model
 from sinkcache.runner import ModelRunner
 
@@ -36,6 +38,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     attention: str = "auto"  # auto | reference | triton
     seed: int = 0
+    torch_threads: int | None = None  # CPU engines: intra-op threads
+    flush_interval_s: float = 0.005  # how often reply events are flushed (coalescing)
+    max_events_per_s: float = 5000.0  # under load, coalesce more so events/s stay near this
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -72,6 +77,8 @@ def _slot_count(
 
 def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:
     """Load the model (unless given), size and allocate the arena, wire the runner."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     device = config.resolved_device()
     dtype = config.resolved_dtype(device)
     geometry = CacheGeometry(config.sink, config.window)
@@ -107,4 +114,17 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
 
 def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> AsyncEngine:
     """An AsyncEngine ready to `start()` inside a running event loop."""
-    return AsyncEngine(build_core(config, loaded))
+    return AsyncEngine(build_core(config, loaded), config.flush_interval_s, config.max_events_per_s)
+
+
+async def start_engine(
+    config: EngineConfig, in_process: bool = False
+) -> AsyncEngine | ProcessEngine:
+    """A running engine for a server: by default in a child process of its own (so the engine
+    loop never waits for the server's GIL), or on a thread of this one (`in_process`)."""
+    if not in_process:
+        return await ProcessEngine.launch(config)
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, build_engine, config)
+    engine.start(loop)
+    return engine

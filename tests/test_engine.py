@@ -252,8 +252,9 @@ async def test_text_chat_and_stop_strings_with_a_tokenizer() -> None:
     from sinkcache.builder import EngineConfig, build_engine
     from sinkcache.inputs import ChatTurn, TextInput
 
-    engine = build_engine(EngineConfig(model="tiny", sink=4, window=60, slots=4))
-    engine.flush_interval = 0.0
+    engine = build_engine(
+        EngineConfig(model="tiny", sink=4, window=60, slots=4, flush_interval_s=0.0)
+    )
     engine.start()
     try:
         session = (await engine.open_session()).session_id
