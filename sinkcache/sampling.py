@@ -125,6 +125,13 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (chosen * block + within)[:, 0].clamp_max(vocab - 1)
 
 
+def draw_nucleus(
+    probs: torch.Tensor, threshold: torch.Tensor, seed: torch.Tensor, position: torch.Tensor
+) -> torch.Tensor:
+    """One draw per row from the tokens at or above the row's threshold (its nucleus)."""
+    return inverse_cdf(probs * (probs >= threshold[:, None]), row_uniform(seed, position))
+
+
 class SlotSampler:
     """Per-slot generation parameters on the device, and the batched sampling function."""
 
@@ -164,7 +171,7 @@ class SlotSampler:
         if variant == SamplerVariant.SAMPLE:
             sampled = inverse_cdf(probs, row_uniform(seed, position))
         elif probs.is_cuda:
-            sampled = self._nucleus_sorted(probs, slots, seed, position)
+            sampled = self._nucleus_threshold(probs, slots, seed, position)
         else:
             sampled = self._nucleus_rejection(probs, slots, seed, position, greedy_tokens)
         return torch.where(temperature == 0.0, greedy_tokens, sampled)
@@ -173,25 +180,19 @@ class SlotSampler:
         top_k = self.top_k[slots]
         return torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)), self.top_p[slots]
 
-    def _nucleus_sorted(self, probs, slots, seed, position) -> torch.Tensor:
-        """Top-k / top-p by sorting each row: fixed shapes, no host sync (CUDA-graph safe).
+    def _nucleus_threshold(self, probs, slots, seed, position) -> torch.Tensor:
+        """Top-k / top-p on the GPU: each row's nucleus threshold by a sort-free search (a Triton
+        kernel, sinkcache.ops.triton_sampling), then one draw. Fixed shapes, no host sync."""
+        from sinkcache.ops.triton_sampling import nucleus_threshold
 
-        A token is kept when fewer than top_k tokens and less than top_p of the mass rank above it.
-        """
         k_limit, top_p = self._limits(slots, probs.shape[-1])
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep = (rank < k_limit[:, None]) & (mass_before < top_p[:, None])
-        keep[:, 0] = True  # the most likely token always survives
-        index = inverse_cdf(sorted_probs * keep, row_uniform(seed, position))
-        return order.gather(1, index[:, None])[:, 0]
+        return draw_nucleus(probs, nucleus_threshold(probs, top_p, k_limit), seed, position)
 
     def _nucleus_rejection(self, probs, slots, seed, position, greedy, max_draws: int = 64):
         """Top-k / top-p without sorting (the CPU path): draw from the tokens above a pivot and
         accept if the draw is in the nucleus; a rejected draw raises the pivot to its own
         probability, so every later draw comes from a smaller superset of the nucleus. Accepting
-        by membership makes the result exactly the nucleus distribution (same rule as the sorted
+        by membership makes the result exactly the nucleus distribution (same rule as the threshold
         path); rows still unaccepted after `max_draws` take the most likely token."""
         vocab = probs.shape[-1]
         k_limit, top_p = self._limits(slots, vocab)

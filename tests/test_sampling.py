@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkcache.sampling import GenerationParams, SamplerVariant, SlotSampler, row_uniform
+from sinkcache.ops.triton_sampling import nucleus_threshold
+from sinkcache.sampling import (
+    GenerationParams,
+    SamplerVariant,
+    SlotSampler,
+    draw_nucleus,
+    row_uniform,
+)
 
 VOCAB = 12
 DRAWS = 40_000
@@ -38,8 +45,12 @@ def frequencies(sampler: SlotSampler, logits: torch.Tensor, variant, method) -> 
             tokens = sampler.sample(rows, slots, position, variant)
         else:
             probs = (rows / sampler.temperature[slots][:, None]).softmax(-1)
-            if method == "sorted":
-                tokens = sampler._nucleus_sorted(probs, slots, sampler.seed[slots], position)
+            if method == "threshold":
+                # Every row is the same distribution: one row's threshold (the interpreter runs
+                # the kernel a row at a time) serves the whole batch.
+                k_limit, top_p = sampler._limits(slots[:1], VOCAB)
+                tau = nucleus_threshold(probs[:1], top_p, k_limit).expand(batch)
+                tokens = draw_nucleus(probs, tau, sampler.seed[slots], position)
             else:
                 greedy = rows.argmax(-1)
                 tokens = sampler._nucleus_rejection(
@@ -49,7 +60,7 @@ def frequencies(sampler: SlotSampler, logits: torch.Tensor, variant, method) -> 
     return counts / DRAWS
 
 
-@pytest.mark.parametrize("method", ["sorted", "rejection"])
+@pytest.mark.parametrize("method", ["threshold", "rejection"])
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p"), [(1.0, 0, 0.7), (0.7, 5, 1.0), (1.3, 4, 0.8), (1.0, 0, 0.05)]
 )
@@ -86,3 +97,30 @@ def test_draws_depend_only_on_seed_and_position() -> None:
     assert abs(spread.mean().item() - 0.5) < 0.01 and spread.std().item() == pytest.approx(
         0.2887, abs=0.01
     )
+
+
+def nucleus_by_rule(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Brute force: a token is kept when fewer than top_k tokens and less than top_p of the mass
+    lie strictly above it."""
+    above = probs[:, None, :] > probs[:, :, None]  # [B, token, other]
+    count = above.sum(-1)
+    mass = (probs[:, None, :] * above).sum(-1)
+    return (count < top_k[:, None]) & (mass < top_p[:, None])
+
+
+def test_nucleus_threshold_kernel_finds_exactly_the_nucleus() -> None:
+    """Rows flat and peaked, top-k and top-p binding or not, ties, zeros, a vocabulary that is not
+    a multiple of the tile: the kept set {p >= tau} equals the rule's, token for token."""
+    generator = torch.Generator().manual_seed(5)
+    vocab = 300
+    scales = torch.tensor([0.05, 1.0, 3.0, 12.0, 1.0, 2.0, 1.0, 40.0])
+    probs = (torch.randn(8, vocab, generator=generator) * scales[:, None]).softmax(-1)
+    probs[6, :50] = probs[6, 50]  # a tie group
+    probs[7] = torch.zeros(vocab).index_fill(0, torch.tensor([3, 7, 9]), 1 / 3)  # zeros, ties
+    top_p = torch.tensor([0.95, 0.5, 0.9, 0.99, 1.0, 0.3, 0.6, 0.5])
+    top_k = torch.tensor([vocab, vocab, 10, vocab, vocab, 1, vocab, vocab])
+    tau = nucleus_threshold(probs, top_p, top_k, block=128)
+    kept = probs >= tau[:, None]
+    assert torch.equal(kept, nucleus_by_rule(probs, top_p, top_k))
+    assert kept.sum(-1).tolist()[5] == 1 and kept.sum(-1).tolist()[2] == 10
+    assert (kept.sum(-1) >= 1).all() and kept.sum(-1)[0] > 250  # a flat row keeps most
