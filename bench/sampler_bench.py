@@ -57,6 +57,26 @@ def main() -> None:
                     {"batch": batch, "logits": shape, "variant": variant.name, "ms": round(ms, 3)}
                 )
                 print(f"B={batch:5d} {shape:6s} {variant.name:6s} {ms:8.3f} ms", flush=True)
+    # The threshold kernel alone, by tile and warps, on the largest batch of flat rows.
+    from sinkcache.ops.triton_sampling import nucleus_threshold
+
+    batch = max(args.batches)
+    probs = (torch.randn(batch, args.vocab, device=device) * 0.1).softmax(-1)
+    top_p = torch.full((batch,), 0.95, device=device)
+    top_k = torch.full((batch,), args.vocab, device=device)
+    for block in (128, 256, 512):
+        for warps in (4, 8):
+            ms = time_ms(nucleus_threshold, args.repeats, probs, top_p, top_k, block, warps)
+            rows.append(
+                {
+                    "batch": batch,
+                    "kernel": "nucleus_threshold",
+                    "block": block,
+                    "num_warps": warps,
+                    "ms": round(ms, 3),
+                }
+            )
+            print(f"B={batch:5d} threshold kernel block={block} warps={warps} {ms:8.3f} ms")
     result = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(),

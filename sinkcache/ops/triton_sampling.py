@@ -52,14 +52,17 @@ def _nucleus_threshold_kernel(
         step = (hi - lo + FANOUT - 1) // FANOUT
         bits = tl.minimum(lo + step * (pick + 1).to(tl.int64), hi)  # [FANOUT], the last is hi
         threshold = bits.to(tl.int32).to(tl.float32, bitcast=True)
-        count = tl.zeros((FANOUT,), tl.int32)
-        mass = tl.zeros((FANOUT,), tl.float32)
+        # Elementwise accumulators; one reduction per pass, not per tile.
+        count_acc = tl.zeros((FANOUT, BLOCK), tl.int32)
+        mass_acc = tl.zeros((FANOUT, BLOCK), tl.float32)
         for tile in range(tile_count(vocab, BLOCK, INTERPRETER, MAX_TILES)):
             offs = tile * BLOCK + tl.arange(0, BLOCK)
             p = tl.load(base + offs, mask=offs < vocab, other=0.0)
             above = p[None, :] > threshold[:, None]  # [FANOUT, BLOCK]
-            count += tl.sum(above.to(tl.int32), axis=1)
-            mass += tl.sum(tl.where(above, p[None, :], 0.0), axis=1)
+            count_acc += above.to(tl.int32)
+            mass_acc += tl.where(above, p[None, :], 0.0)
+        count = tl.sum(count_acc, axis=1)
+        mass = tl.sum(mass_acc, axis=1)
         holds = (count < top_k) & (mass < top_p)
         first = tl.min(tl.where(holds, pick, FANOUT), axis=0)
         new_hi = tl.sum(tl.where(pick == first, bits, 0), axis=0)
@@ -70,7 +73,11 @@ def _nucleus_threshold_kernel(
 
 
 def nucleus_threshold(
-    probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, block: int = 1024
+    probs: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    block: int = 256,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """probs [B, V] float32 (rows of a distribution), top_p [B] float32, top_k [B] (V: off) ->
     tau [B] float32 such that the nucleus of row b is exactly {i : probs[b, i] >= tau[b]}."""
@@ -92,6 +99,6 @@ def nucleus_threshold(
         INF_BITS=INF_BITS,
         INTERPRETER=interpreter,
         MAX_TILES=triton.cdiv(vocab, block) if interpreter else 0,
-        num_warps=8,
+        num_warps=num_warps,
     )
     return out
