@@ -226,6 +226,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        stall_timeout_s=args.stall_timeout,
     )
     console = Console(stderr=True)
 
@@ -332,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--ramp", type=float, default=10.0, help="seconds to open all sessions")
     lt.add_argument("--think-min", type=float, default=0.5)
     lt.add_argument("--think-max", type=float, default=1.5)
+    lt.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a reply may stay silent before it counts as DEADLINE_EXCEEDED",
+    )
     lt.add_argument("--max-new-tokens", type=int, default=24)
     lt.add_argument("--temperature", type=float, default=0.8)
     lt.add_argument("--top-p", type=float, default=0.95)

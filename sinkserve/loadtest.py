@@ -82,6 +82,9 @@ class LoadConfig:
     channels: int = 16
     stats_interval_s: float = 2.0
     seed: int = 0
+    # A reply stream silent this long counts as DEADLINE_EXCEEDED (and the session is resumed),
+    # so a stalled server shows up as errors instead of a load test that never ends.
+    stall_timeout_s: float = 60.0
 
 
 @dataclass
@@ -114,9 +117,14 @@ async def _converse(
     rng = random.Random(config.seed * 1_000_003 + index)
     await asyncio.sleep(config.ramp_s * index / max(1, config.sessions))
     try:
-        session = await AsyncSession.open(config.target, channel=channel)
+        async with asyncio.timeout(config.stall_timeout_s):
+            session = await AsyncSession.open(config.target, channel=channel)
     except SessionError as error:
         stats.error(error.code)
+        stats.lost += 1
+        return
+    except TimeoutError:
+        stats.error(grpc.StatusCode.DEADLINE_EXCEEDED)
         stats.lost += 1
         return
     stats.opened += 1
@@ -130,38 +138,60 @@ async def _converse(
             words = rng.randint(*config.words_per_turn)
             text = " ".join(rng.choice(WORDS) for _ in range(words))
             try:
-                await _turn(session, text, params, stats)
-            except SessionError as error:
+                await _turn(session, text, params, stats, config.stall_timeout_s)
+                error = None
+            except TimeoutError:
+                error = SessionError(grpc.StatusCode.DEADLINE_EXCEEDED, "reply stream stalled")
+            except SessionError as failure:
+                error = failure
+            if error is not None:
                 stats.error(error.code)
                 if resumed_once:
                     stats.lost += 1
                     return
                 resumed_once = True
                 try:  # a session outlives its stream: continue it on a new one
-                    session = await AsyncSession.resume(
-                        config.target, session.session_id, session.resume_token, channel=channel
-                    )
+                    async with asyncio.timeout(config.stall_timeout_s):
+                        session = await AsyncSession.resume(
+                            config.target, session.session_id, session.resume_token, channel=channel
+                        )
                     stats.resumed += 1
-                except SessionError as again:
-                    stats.error(again.code)
+                except (SessionError, TimeoutError) as again:
+                    stats.error(
+                        again.code
+                        if isinstance(again, SessionError)
+                        else grpc.StatusCode.DEADLINE_EXCEEDED
+                    )
                     stats.lost += 1
                     return
                 continue
             await asyncio.sleep(rng.uniform(*config.think_s))
         try:
-            await session.close()
+            async with asyncio.timeout(config.stall_timeout_s):
+                await session.close()
         except SessionError as error:
             stats.error(error.code)
+        except TimeoutError:
+            stats.error(grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         stats.active -= 1
 
 
 async def _turn(
-    session: AsyncSession, text: str, params: pb.GenerationParams, stats: LoadStats
+    session: AsyncSession,
+    text: str,
+    params: pb.GenerationParams,
+    stats: LoadStats,
+    stall_timeout_s: float,
 ) -> None:
     sent = time.monotonic()
     last = None
-    async for message in session.append(chat=("user", text), generate=params):
+    replies = aiter(session.append(chat=("user", text), generate=params))
+    while True:
+        async with asyncio.timeout(stall_timeout_s):
+            message = await anext(replies, None)
+        if message is None:
+            break
         if message.HasField("tokens"):
             now = time.monotonic()
             count = len(message.tokens.ids)

@@ -1,11 +1,22 @@
-"""CI smoke of `sinkserve loadtest`: real Ray, 2 replicas, many concurrent endless sessions."""
+"""`sinkserve loadtest`: a CI smoke on real Ray, and a stalled server seen as errors, not a hang."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 
+from sinkserve.client import AsyncSession
+from sinkserve.health import wait_serving
 from sinkserve.loadtest import LoadConfig, run, summary
-from tests.service import running_service
+from sinkserve.v1 import streaming_llm_pb2 as pb
+from tests.service import free_port, running_service
 
 pytestmark = pytest.mark.slow
 
@@ -20,3 +31,51 @@ async def test_two_hundred_endless_sessions_lose_nothing() -> None:
     assert data["turns"] >= 200  # every session completed turns, not just opened
     assert data["ttft_ms"]["count"] == data["turns"]
     assert data["server"]["kv_bytes_start"] == data["server"]["kv_bytes_end"]
+
+
+async def test_a_stalled_engine_shows_as_deadline_errors_and_the_run_still_ends() -> None:
+    """Freeze the replica's engine process mid-run (SIGSTOP): replies stall, the load test
+    reports DEADLINE_EXCEEDED and lost sessions and ends on time; thawed, the replica serves."""
+    port = free_port()
+    command = [sys.executable, "-m", "deployments.standalone", "replica", "--port", str(port)]
+    settings = ["model=tiny", "slots=8", "window=60", "torch_threads=1"]
+    replica = subprocess.Popen(
+        [*command, "--set", *settings],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "ready" in replica.stdout.readline()
+        address = f"127.0.0.1:{port}"
+        wait_serving(address, replicas=1, timeout_s=60)
+        (engine,) = psutil.Process(replica.pid).children()
+        config = LoadConfig(
+            target=address,
+            sessions=4,
+            duration_s=6,
+            ramp_s=0,
+            think_s=(0.0, 0.1),
+            max_new_tokens=16,
+            stall_timeout_s=1.5,
+            stats_interval_s=0.5,
+        )
+        started = time.monotonic()
+        load = asyncio.create_task(run(config))
+        await asyncio.sleep(2)
+        os.kill(engine.pid, signal.SIGSTOP)
+        stats = await asyncio.wait_for(load, 60)  # a hang fails the test instead
+        elapsed = time.monotonic() - started
+        os.kill(engine.pid, signal.SIGCONT)
+        data = summary(config, stats)
+        assert data["sessions_opened"] == 4 and data["turns"] > 0
+        assert data["errors"].get("DEADLINE_EXCEEDED", 0) >= 4
+        assert data["sessions_lost"] == 4
+        assert elapsed < config.duration_s + 4 * config.stall_timeout_s + 5
+        session = await AsyncSession.open(address)  # thawed, the replica serves again
+        params = pb.GenerationParams(max_new_tokens=5, ignore_eos=True, temperature=0.0)
+        reply = await session.reply(text="hello", generate=params)
+        await session.close()
+        assert len(reply.ids) == 5
+    finally:
+        replica.send_signal(signal.SIGTERM)
+        replica.wait(timeout=30)
