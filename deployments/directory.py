@@ -1,7 +1,7 @@
 """ReplicaDirectory: where each session replica listens and how full it is.
 
 Replicas heartbeat here once a second; gateways read the list to route streams. An entry that
-misses heartbeats for `STALE_AFTER_S` is dropped, so a dead replica leaves the list by itself.
+misses heartbeats for `REPLICA_STALE_AFTER_S` is dropped, so a dead replica leaves the list by itself.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import serve
 
-STALE_AFTER_S = 5.0
+from deployments.gateway_service import REPLICA_STALE_AFTER_S
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -28,6 +28,6 @@ class ReplicaDirectory:
     def replicas(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         for replica_id, info in list(self._replicas.items()):
-            if now - info["seen"] > STALE_AFTER_S:
+            if now - info["seen"] > REPLICA_STALE_AFTER_S:
                 del self._replicas[replica_id]
         return [{k: v for k, v in info.items() if k != "seen"} for info in self._replicas.values()]

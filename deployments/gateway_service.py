@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 SERVICE = "sinkserve.v1.StreamingLLM"
 SESSION_METHOD = f"/{SERVICE}/Session"
 STATS_METHOD = f"/{SERVICE}/Stats"
+# A replica unheard of this long is taken out of routing (its channels closed, its streams ended).
+# Shorter gaps (a long engine step, a slow poll) must not cost sessions their streams.
+REPLICA_STALE_AFTER_S = 5.0
 CHANNELS_PER_REPLICA = 4  # HTTP/2 connections to each replica (spreads streams over them)
 
 

@@ -45,6 +45,7 @@ class SessionReplica:
         self._tasks = [
             loop.create_task(self.sessions.expire()),
             loop.create_task(self._heartbeat()),
+            loop.create_task(self._record_metrics()),
         ]
         log.info("replica %s serving sessions on %s", self.replica_id, self.address)
 
@@ -62,11 +63,19 @@ class SessionReplica:
         while True:
             try:
                 await self.directory.heartbeat.remote(await self.info())
+            except Exception:  # the directory restarting; try again next beat
+                log.warning("heartbeat to the directory failed", exc_info=True)
+            await asyncio.sleep(1.0)
+
+    async def _record_metrics(self) -> None:
+        """Apart from the heartbeat: a busy engine may delay metrics, never the heartbeat."""
+        while True:
+            try:
                 self.metrics.record(
                     await self.engine.stats(), await self.engine.take_step_seconds()
                 )
-            except Exception:  # the directory restarting; try again next beat
-                log.warning("heartbeat to the directory failed", exc_info=True)
+            except Exception:
+                log.warning("recording metrics failed", exc_info=True)
             await asyncio.sleep(1.0)
 
     async def check_health(self) -> None:

@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 
 import grpc
 
-from deployments.gateway_service import GatewayService
+from deployments.gateway_service import REPLICA_STALE_AFTER_S, GatewayService
 from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
 from sinkserve.v1 import streaming_llm_pb2 as pb
@@ -58,22 +59,30 @@ async def run_gateway(host: str, port: int, replicas: list[str], reuse_port: boo
 
     async def poll() -> None:
         channels = {address: grpc.aio.insecure_channel(address) for address in replicas}
+        known: dict[str, tuple[float, list[dict]]] = {}  # address -> (last answer, its replicas)
         while True:
-            infos = []
+            now = time.monotonic()
             for address, channel in channels.items():
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     stats = await pb_grpc.StreamingLLMStub(channel).Stats(
                         pb.StatsRequest(), timeout=2
                     )
-                    for replica in stats.replicas:
-                        infos.append(
+                    known[address] = (
+                        now,
+                        [
                             {
                                 "replica_id": replica.replica_id,
                                 "address": address,
                                 "slots_free": replica.slots_free,
                             }
-                        )
-            await service.update(infos)
+                            for replica in stats.replicas
+                        ],
+                    )
+            # A replica that misses one poll keeps its streams; one silent this long is gone.
+            for address, (seen, _) in list(known.items()):
+                if now - seen > REPLICA_STALE_AFTER_S:
+                    del known[address]
+            await service.update([info for _, infos in known.values() for info in infos])
             await asyncio.sleep(0.5)
 
     poller = asyncio.get_running_loop().create_task(poll())

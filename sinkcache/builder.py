@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,15 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
         geometry.window,
         arena.nbytes() / 2**20,
     )
-    return EngineCore(runner, codec, prefill_budget, eos_ids=frozenset(loaded.shape.eos_token_ids))
+    core = EngineCore(runner, codec, prefill_budget, eos_ids=frozenset(loaded.shape.eos_token_ids))
+    if device.type == "cuda":
+        started = time.perf_counter()
+        core.warm_up()
+        log.info(
+            "engine warmed up in %.1f s (kernels compiled, graphs captured)",
+            time.perf_counter() - started,
+        )
+    return core
 
 
 def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> AsyncEngine:

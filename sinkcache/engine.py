@@ -46,6 +46,16 @@ class OutputSink(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
 
+class _Discard:
+    """A sink that drops events (warm-up requests)."""
+
+    def push(self, event: Any) -> None:
+        pass
+
+    def fail(self, error: BaseException) -> None:
+        pass
+
+
 class TextCodec(Protocol):
     """Tokenizer-side services the engine needs (sinkcache.text.TokenizerCodec implements it)."""
 
@@ -253,6 +263,26 @@ class EngineCore:
         close_reply = session.open_reply if request.chat else None
         session.open_reply = None
         return self.codec.encode(item, first, close_reply, request.generation is not None)
+
+    def warm_up(self) -> None:
+        """Compile every kernel and capture every CUDA graph before serving: one short reply per
+        sampler variant (prefill, eager and graph decode), then all decode graphs. Leaves no
+        session, event or count behind."""
+        variants = (
+            GenerationParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
+            GenerationParams(max_new_tokens=3, temperature=0.8, ignore_eos=True, seed=0),
+            GenerationParams(max_new_tokens=3, temperature=0.8, top_p=0.9, ignore_eos=True, seed=0),
+        )
+        for i, params in enumerate(variants):
+            session_id = f"warm-up-{i}"
+            self.open_session(session_id)
+            self.submit(session_id, TokenInput(list(range(1, 9))), params, False, _Discard())
+            while self.busy:
+                self.step()
+            self.close(session_id)
+        self.runner.capture_graphs()
+        self.take_dirty()
+        self.counters = EngineCounters()
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> bool:

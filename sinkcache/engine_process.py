@@ -59,6 +59,8 @@ class ProcessEngine:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._streams: dict[int, RequestStream] = {}
         self._stopping = False
+        self._last_stats: dict[str, Any] | None = None
+        self._pending_stats: asyncio.Future | None = None
         self.error: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -151,9 +153,21 @@ class ProcessEngine:
     async def held_tokens(self, session_id: str) -> list[int]:
         return await self._call("held_tokens", session_id)
 
-    async def stats(self) -> dict[str, Any]:
-        """A fresh snapshot from the child (one round trip: at most a step's wait)."""
-        return await self._call("stats")
+    async def stats(self, max_wait_s: float = 0.5) -> dict[str, Any]:
+        """A fresh snapshot from the child, or the last one if the child is busy longer than
+        `max_wait_s` (a long step must not make health checks and routing think it is gone)."""
+        if self._pending_stats is None or self._pending_stats.done():
+            self._pending_stats = asyncio.ensure_future(self._call("stats"))
+            self._pending_stats.add_done_callback(self._keep_stats)
+        if self._last_stats is None:
+            return dict(await asyncio.shield(self._pending_stats))
+        with contextlib.suppress(TimeoutError):
+            return dict(await asyncio.wait_for(asyncio.shield(self._pending_stats), max_wait_s))
+        return dict(self._last_stats)
+
+    def _keep_stats(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._last_stats = future.result()
 
     async def take_step_seconds(self) -> list[float]:
         """Step durations recorded since the last call (at most the last 4096), for histograms."""

@@ -266,6 +266,21 @@ class ModelRunner:
         return batch, sample_rows, (targets_t if targets else None)
 
     # -- CUDA graph path ---------------------------------------------------------------------------
+    def capture_graphs(self) -> int:
+        """Capture every (bucket, sampler variant) decode graph this arena can use, now: a
+        capture stalls the engine loop for a moment, and in the middle of serving that moment
+        holds up every session. Returns how many graphs exist."""
+        if not self.use_cuda_graphs:
+            return 0
+        largest = min(self.arena.num_slots, DECODE_BUCKETS[-1])
+        for bucket in DECODE_BUCKETS:
+            for variant in SamplerVariant:
+                if (bucket, variant) not in self._graphs:
+                    self._graphs[bucket, variant] = _DecodeGraph(self, bucket, variant)
+            if bucket >= largest:
+                break
+        return len(self._graphs)
+
     def _replay_decode(self, plan: StepPlan) -> torch.Tensor:
         nd = len(plan.decode_slots)
         bucket = next(b for b in DECODE_BUCKETS if b >= nd)

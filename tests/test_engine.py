@@ -282,3 +282,13 @@ async def test_text_chat_and_stop_strings_with_a_tokenizer() -> None:
         assert end.reason == EndReason.APPENDED and all(s.logprobs for s in scores)
     finally:
         await engine.shutdown()
+
+
+def test_warm_up_leaves_nothing_behind(models) -> None:
+    _, model = models
+    arena = KVArena(model.shape, CacheGeometry(4, 28), 3, torch.float32, "cpu")
+    core = EngineCore(ModelRunner(model, arena, REFERENCE), None, 64)
+    core.warm_up()
+    assert not core.sessions and arena.free_slots == 3 and not core.busy
+    assert core.counters.steps == 0 and core.counters.generated_tokens == 0
+    assert not core.take_dirty() and core.runner.capture_graphs() == 0  # no graphs on CPU

