@@ -196,7 +196,22 @@ def served(args: argparse.Namespace, out: Path) -> dict:
         "itl_ms_p99": [r["itl_ms"]["p99"] for r in results],
         "turns": sum(r["turns"] for r in results),
         "replica": replica_stats,
+        "timeline": merged_timeline(results),
     }
+
+
+def merged_timeline(results: list[dict]) -> list[dict]:
+    """All clients' per-second points summed: delivered tokens/s and active sessions over time."""
+    merged: dict[int, dict] = {}
+    for result in results:
+        for point in result["timeline"]:
+            slot = merged.setdefault(
+                round(point["t"]),
+                {"t": round(point["t"]), "tokens_per_s": 0.0, "active_sessions": 0},
+            )
+            slot["tokens_per_s"] += point["tokens_per_s"]
+            slot["active_sessions"] += point["active_sessions"]
+    return [merged[t] for t in sorted(merged)]
 
 
 async def _replica_stats(address: str) -> dict:
