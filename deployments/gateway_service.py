@@ -70,6 +70,10 @@ class _Refused(Exception):
     """The replica refused to open a session (full): the next one may have room."""
 
 
+class _ReplicaGone(Exception):
+    """The replica was dropped from routing while a stream to it was open."""
+
+
 class GatewayService:
     """Routing state and the gRPC handlers; `update(infos)` tells it which replicas exist."""
 
@@ -170,6 +174,11 @@ class GatewayService:
                 continue  # another replica may have a free slot
             except grpc.aio.AioRpcError as error:
                 await context.abort(error.code(), error.details() or "replica error")
+            except _ReplicaGone:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the session's replica {backend.replica_id} is unreachable; resume it later",
+                )
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot on any replica"
         )
@@ -199,6 +208,13 @@ class GatewayService:
             if first_response and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise _Refused() from None
             raise
+        except asyncio.CancelledError:
+            # Not our cancellation (the client leaving): the replica's channel was closed under
+            # the call, because the replica was dropped. Say so, or the client waits forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise _ReplicaGone() from None
         finally:
             call.cancel()
 
