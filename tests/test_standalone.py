@@ -30,20 +30,16 @@ def start(role: str, *args: str) -> subprocess.Popen:
     return process
 
 
+def start_replica(port: int) -> subprocess.Popen:
+    settings = ["model=tiny", "slots=4", "window=60", "torch_threads=1"]
+    return start("replica", "--port", str(port), "--set", *settings)
+
+
 async def test_a_few_seconds_of_engine_stall_keep_every_stream() -> None:
     """Freeze the engine process for longer than the gateway's stats poll may take (2 s) but
     less than a replica may stay unheard (5 s): the reply in flight resumes where it stopped."""
     replica_port, gateway_port = free_port(), free_port()
-    replica = start(
-        "replica",
-        "--port",
-        str(replica_port),
-        "--set",
-        "model=tiny",
-        "slots=4",
-        "window=60",
-        "torch_threads=1",
-    )
+    replica = start_replica(replica_port)
     gateway = None
     try:
         gateway = start(
@@ -75,16 +71,7 @@ async def test_an_unreachable_replica_ends_its_streams_and_its_sessions_resume()
     stream in flight ends with UNAVAILABLE at once instead of hanging; once the replica is back,
     the session resumes where its stream stood and goes on."""
     replica_port, gateway_port = free_port(), free_port()
-    replica = start(
-        "replica",
-        "--port",
-        str(replica_port),
-        "--set",
-        "model=tiny",
-        "slots=4",
-        "window=60",
-        "torch_threads=1",
-    )
+    replica = start_replica(replica_port)
     gateway = None
     frozen = []
     try:
