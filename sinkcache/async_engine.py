@@ -28,8 +28,6 @@ from sinkcache.session import (
     TurnEndEvent,
 )
 
-__all__ = ["AsyncEngine", "RequestStream", "SessionInfo"]
-
 
 class RequestStream:
     """One request's events: pushed by the engine thread, iterated by asyncio (coalesced)."""
@@ -175,10 +173,9 @@ class AsyncEngine:
     async def take_step_seconds(self) -> list[float]:
         """Step durations recorded since the last call (at most the last 4096), for histograms."""
         counters = self.core.counters
-        new = counters.steps - self._steps_taken
+        samples = counters.step_seconds_after(self._steps_taken)
         self._steps_taken = counters.steps
-        samples = list(counters.step_seconds)
-        return samples[-new:] if new > 0 else []
+        return samples
 
     # -- plumbing ----------------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:

@@ -78,6 +78,11 @@ class EngineCounters:
     turns_finished: int = 0
     step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
+    def step_seconds_after(self, steps: int) -> list[float]:
+        """Durations of the steps after the first `steps` (at most the last 4096 are kept)."""
+        new = self.steps - steps
+        return list(self.step_seconds)[-new:] if new > 0 else []
+
 
 class EngineCore:
     def __init__(

@@ -29,7 +29,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -44,6 +44,9 @@ from sinkcache.session import (
     TurnEndEvent,
 )
 
+if TYPE_CHECKING:  # the builder imports this module
+    from sinkcache.builder import EngineConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +56,6 @@ class ProcessEngine:
     def __init__(self, process: subprocess.Popen, conn: Connection) -> None:
         self._process = process
         self._conn = conn
-        self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -65,7 +67,7 @@ class ProcessEngine:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
-    async def launch(cls, config: Any, ready_timeout_s: float = 900.0) -> ProcessEngine:
+    async def launch(cls, config: EngineConfig, ready_timeout_s: float = 900.0) -> ProcessEngine:
         """Start the child, wait until its engine is built (model loaded, graphs captured)."""
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
@@ -175,8 +177,7 @@ class ProcessEngine:
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(message)
+        self._conn.send(message)  # only the event loop's thread sends
 
     async def _call(self, op: str, *args: Any) -> Any:
         if self._stopping or self.error is not None:
@@ -280,7 +281,7 @@ def _portable(error: BaseException) -> BaseException:
 class _ChildEngine:
     """The child's side: runs commands from the parent against the core, reports back."""
 
-    def __init__(self, conn: Connection, config: Any) -> None:
+    def __init__(self, conn: Connection, config: EngineConfig) -> None:
         from sinkcache.builder import build_core
 
         self.conn = conn
@@ -385,9 +386,9 @@ class _ChildEngine:
 
     def _op_take_step_seconds(self, _: int) -> list[float]:
         counters = self.core.counters
-        new = counters.steps - self._steps_taken
+        samples = counters.step_seconds_after(self._steps_taken)
         self._steps_taken = counters.steps
-        return list(counters.step_seconds)[-new:] if new > 0 else []
+        return samples
 
 
 _DEFERRED = object()

@@ -15,9 +15,10 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from hdrh.histogram import HdrHistogram
@@ -25,6 +26,8 @@ from hdrh.histogram import HdrHistogram
 from sinkserve.client import AsyncSession, SessionError
 from sinkserve.v1 import streaming_llm_pb2 as pb
 from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 WORDS = [
     "the",
@@ -111,20 +114,25 @@ class LoadStats:
         self.errors[code.name] += 1
 
 
+async def _within(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """`awaitable`, or SessionError(DEADLINE_EXCEEDED) if it stays silent for `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    except TimeoutError:
+        raise SessionError(grpc.StatusCode.DEADLINE_EXCEEDED, "the server stalled") from None
+
+
 async def _converse(
     config: LoadConfig, stats: LoadStats, channel: grpc.aio.Channel, index: int, deadline: float
 ) -> None:
     rng = random.Random(config.seed * 1_000_003 + index)
+    stall = config.stall_timeout_s
     await asyncio.sleep(config.ramp_s * index / max(1, config.sessions))
     try:
-        async with asyncio.timeout(config.stall_timeout_s):
-            session = await AsyncSession.open(config.target, channel=channel)
+        session = await _within(AsyncSession.open(config.target, channel=channel), stall)
     except SessionError as error:
         stats.error(error.code)
-        stats.lost += 1
-        return
-    except TimeoutError:
-        stats.error(grpc.StatusCode.DEADLINE_EXCEEDED)
         stats.lost += 1
         return
     stats.opened += 1
@@ -138,41 +146,31 @@ async def _converse(
             words = rng.randint(*config.words_per_turn)
             text = " ".join(rng.choice(WORDS) for _ in range(words))
             try:
-                await _turn(session, text, params, stats, config.stall_timeout_s)
-                error = None
-            except TimeoutError:
-                error = SessionError(grpc.StatusCode.DEADLINE_EXCEEDED, "reply stream stalled")
-            except SessionError as failure:
-                error = failure
-            if error is not None:
+                await _turn(session, text, params, stats, stall)
+            except SessionError as error:
                 stats.error(error.code)
                 if resumed_once:
                     stats.lost += 1
                     return
                 resumed_once = True
                 try:  # a session outlives its stream: continue it on a new one
-                    async with asyncio.timeout(config.stall_timeout_s):
-                        session = await AsyncSession.resume(
+                    session = await _within(
+                        AsyncSession.resume(
                             config.target, session.session_id, session.resume_token, channel=channel
-                        )
-                    stats.resumed += 1
-                except (SessionError, TimeoutError) as again:
-                    stats.error(
-                        again.code
-                        if isinstance(again, SessionError)
-                        else grpc.StatusCode.DEADLINE_EXCEEDED
+                        ),
+                        stall,
                     )
+                    stats.resumed += 1
+                except SessionError as again:
+                    stats.error(again.code)
                     stats.lost += 1
                     return
                 continue
             await asyncio.sleep(rng.uniform(*config.think_s))
         try:
-            async with asyncio.timeout(config.stall_timeout_s):
-                await session.close()
+            await _within(session.close(), stall)
         except SessionError as error:
             stats.error(error.code)
-        except TimeoutError:
-            stats.error(grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         stats.active -= 1
 
@@ -188,8 +186,7 @@ async def _turn(
     last = None
     replies = aiter(session.append(chat=("user", text), generate=params))
     while True:
-        async with asyncio.timeout(stall_timeout_s):
-            message = await anext(replies, None)
+        message = await _within(anext(replies, None), stall_timeout_s)
         if message is None:
             break
         if message.HasField("tokens"):
