@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from sinkcache.builder import EngineConfig, build_core
-from sinkcache.config import PRESETS, shape_to_hf_config
-from sinkcache.inputs import TokenInput
-from sinkcache.loader import load_model
-from sinkcache.sampling import GenerationParams
+from sinkcache.config import PRESETS, EngineConfig, shape_to_hf_config
+from sinkcache.host.builder import build_core
+from sinkcache.inputs import GenerationParams, TokenInput
+from sinkcache.models.loader import load_model
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:

@@ -17,15 +17,16 @@ import sys
 
 import torch
 
-from sinkcache.arena import CacheGeometry, KVArena
-from sinkcache.attention.backend import REFERENCE, triton_backend
-from sinkcache.builder import EngineConfig, build_core
-from sinkcache.inputs import TokenInput
-from sinkcache.loader import load_model
-from sinkcache.ops.triton_sampling import nucleus_threshold
-from sinkcache.runner import ModelRunner, PrefillChunk, StepPlan
-from sinkcache.sampling import GenerationParams
-from sinkcache.session import TokensEvent, TurnEndEvent
+from sinkcache.config import CacheGeometry, EngineConfig
+from sinkcache.core.arena import KVArena
+from sinkcache.core.attention.backend import REFERENCE, triton_backend
+from sinkcache.core.ops.triton_sampling import nucleus_threshold
+from sinkcache.core.plan import PrefillChunk, StepPlan
+from sinkcache.core.runner import ModelRunner
+from sinkcache.events import TokensEvent, TurnEndEvent
+from sinkcache.host.builder import build_core
+from sinkcache.inputs import GenerationParams, TokenInput
+from sinkcache.models.loader import load_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

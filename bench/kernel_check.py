@@ -5,7 +5,7 @@ Run on the H100 from the repository root (about 25 s; `--sweep` adds a few minut
     PYTHONUNBUFFERED=1 python bench/kernel_check.py --json kernel_check.json
 
 For each shape (SmolLM2-135M and Llama-3-8B heads, C in {1024, 2048}, B in {1..1024}, bf16) it
-checks decode and prefill against sinkcache.attention.reference on fresh random data with
+checks decode and prefill against sinkcache.core.attention.reference on fresh random data with
 NaN-poisoned outputs (rel err < 1e-2, every element written) and checks that decode replays
 correctly from a CUDA graph after `seen` changes in place. It then times decode over full slots,
 rotating among disjoint slot sets so L2 cannot help, two ways: triton.testing.do_bench (median)
@@ -33,8 +33,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import triton
 import triton.testing
 
-from sinkcache.attention import reference, triton_decode, triton_prefill
-from sinkcache.policy import key_token_counters
+from sinkcache.core.attention import reference, triton_decode, triton_prefill
+from sinkcache.core.policy import key_token_counters
 
 MODELS = {  # name: (H, Hkv, D)
     "smollm2-135m": (9, 3, 64),

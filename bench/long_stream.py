@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from sinkcache.builder import EngineConfig, build_core
-from sinkcache.inputs import TokenInput
-from sinkcache.sampling import GenerationParams
+from sinkcache.config import EngineConfig
+from sinkcache.host.builder import build_core
+from sinkcache.inputs import GenerationParams, TokenInput
 
 
 class _Sink:
@@ -28,7 +28,7 @@ class _Sink:
         self.done = False
 
     def push(self, event) -> None:
-        from sinkcache.session import TurnEndEvent
+        from sinkcache.events import TurnEndEvent
 
         if isinstance(event, TurnEndEvent):
             self.done = True
@@ -66,7 +66,7 @@ def main() -> None:
     core = build_core(config)
     core.open_session("long")
     rng = random.Random(0)
-    vocab = core.vocab_size
+    vocab = core.intake.vocab_size
     params = GenerationParams(max_new_tokens=args.reply, temperature=0.0, ignore_eos=True)
     checkpoints = sorted(
         {c for c in (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000) if c <= args.tokens}

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sinkcache.eval_ppl import MODES, EvalResult, cache_description, plot
+from sinkcache.tools.eval_ppl import MODES, EvalResult, cache_description, plot
 
 
 def load(paths: list[Path]) -> list[EvalResult]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sinkcache.sampling import GenerationParams, SamplerVariant, SlotSampler
+from sinkcache.core.sampling import SamplerVariant, SlotSampler
+from sinkcache.inputs import GenerationParams
 
 VARIANTS = {
     SamplerVariant.GREEDY: GenerationParams(temperature=0.0),
@@ -58,7 +59,7 @@ def main() -> None:
                 )
                 print(f"B={batch:5d} {shape:6s} {variant.name:6s} {ms:8.3f} ms", flush=True)
     # The threshold kernel alone, by tile and warps, on the largest batch of flat rows.
-    from sinkcache.ops.triton_sampling import nucleus_threshold
+    from sinkcache.core.ops.triton_sampling import nucleus_threshold
 
     batch = max(args.batches)
     probs = (torch.randn(batch, args.vocab, device=device) * 0.1).softmax(-1)

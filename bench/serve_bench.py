@@ -1,6 +1,6 @@
 """Tokens delivered to gRPC clients vs what the engine alone does, same workload, no Ray.
 
-1. engine alone: N endless conversations driven in-process through AsyncEngine (no network);
+1. engine alone: N endless conversations driven in-process through ThreadEngine (no network);
 2. served: the same conversations from `sinkserve loadtest` processes, through gateway processes
    (deployments.standalone gateway) to a replica process (deployments.standalone replica).
 Both use the same turns, sampling and reply lengths; the ratio of their tokens/s is the cost of the
@@ -27,10 +27,10 @@ from sinkserve.loadtest import WORDS
 def engine_alone(args: argparse.Namespace) -> dict:
     import torch
 
-    from sinkcache.builder import EngineConfig, build_engine
-    from sinkcache.inputs import ChatTurn
-    from sinkcache.sampling import GenerationParams
-    from sinkcache.session import TokensEvent
+    from sinkcache.config import EngineConfig
+    from sinkcache.events import TokensEvent
+    from sinkcache.host.builder import build_engine
+    from sinkcache.inputs import ChatTurn, GenerationParams
 
     params = GenerationParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
@@ -218,8 +218,8 @@ async def _replica_stats(address: str) -> dict:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from sinkserve.v1 import streaming_llm_pb2 as pb
-    from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+    from sinkwire.v1 import streaming_llm_pb2 as pb
+    from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=10)

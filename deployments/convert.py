@@ -1,24 +1,23 @@
-"""Translation between the sinkserve.v1 messages and the engine's types, and errors to statuses."""
+"""Translation between the sinkserve.v1 messages and the engine's types, and errors to statuses.
+
+Torch-free: the replica's gRPC process imports it, and its engine may live in another process.
+"""
 
 from __future__ import annotations
 
 import grpc
 
-from sinkcache.arena import ArenaFullError
-from sinkcache.inputs import AppendInput, ChatTurn, TextInput, TokenInput
-from sinkcache.sampling import GenerationParams
-from sinkcache.session import (
-    EndReason,
+from sinkcache.errors import (
+    ArenaFullError,
     EngineStoppedError,
-    Event,
     InvalidRequestError,
-    ScoresEvent,
     SessionExistsError,
     SessionNotFoundError,
-    TokensEvent,
-    TurnEndEvent,
 )
-from sinkserve.v1 import streaming_llm_pb2 as pb
+from sinkcache.events import EndReason, Event, ScoresEvent, TokensEvent, TurnEndEvent
+from sinkcache.inputs import AppendInput, ChatTurn, GenerationParams, TextInput, TokenInput
+from sinkwire.status import StreamError
+from sinkwire.v1 import streaming_llm_pb2 as pb
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -30,15 +29,6 @@ _REASONS = {
     EndReason.APPENDED: pb.TurnEnd.APPENDED,
     EndReason.CLOSED: pb.TurnEnd.CLOSED,
 }
-
-
-class StreamError(Exception):
-    """End the stream with this status (a one-line message)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def status_for(error: BaseException) -> StreamError:

@@ -24,9 +24,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from deployments.convert import StreamError
-from deployments.session_service import SERVER_OPTIONS
-from sinkserve.v1 import streaming_llm_pb2 as pb
+from sinkwire.options import server_options
+from sinkwire.session_ids import replica_of
+from sinkwire.status import StreamError
+from sinkwire.v1 import streaming_llm_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ class GatewayService:
     async def start(self, host: str, port: int, reuse_port: bool = False) -> grpc.aio.Server:
         """Listen on host:port; `reuse_port` lets several gateway processes share the port (the
         kernel spreads connections over them)."""
-        options = [o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"]
-        server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", int(reuse_port))])
+        server = grpc.aio.server(options=server_options(reuse_port))
         handlers = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
             "Stats": grpc.unary_unary_rpc_method_handler(
@@ -139,7 +139,7 @@ class GatewayService:
         kind = first.WhichOneof("kind")
         if kind == "resume":
             session_id = first.resume.session_id
-            backend = self.backends.get(session_id.split(".", 1)[0])
+            backend = self.backends.get(replica_of(session_id))
             if backend is None:
                 raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} not found")
             return [backend]

@@ -6,9 +6,9 @@ nothing for them. Names are prefixed `sinkserve_` (Ray adds `ray_`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from ray.util.metrics import Counter, Gauge, Histogram
+
+from sinkcache.host.protocol import EngineStats
 
 STEP_MS_BOUNDARIES = [0.5, 1, 2, 3, 5, 8, 12, 20, 35, 50, 80, 120, 200, 350, 500, 1000]
 
@@ -35,23 +35,24 @@ class ReplicaMetrics:
         )
         self._last: dict[str, int] = {}
 
-    def record(self, stats: dict[str, Any], new_step_seconds: list[float] = ()) -> None:
-        """Refresh from an AsyncEngine.stats() snapshot (call once a second)."""
+    def record(self, stats: EngineStats, new_step_seconds: list[float] = ()) -> None:
+        """Refresh from an engine's stats snapshot (call once a second)."""
         tags = self.tags
-        self.sessions.set(stats["sessions"], tags=tags)
-        self.slots_free.set(stats["slots_free"], tags=tags)
-        self.decoding.set(stats["decoding"], tags=tags)
-        self.queue_depth.set(stats["prefill_queue"], tags=tags)
-        self.kv_bytes.set(stats["kv_bytes"], tags=tags)
+        self.sessions.set(stats.sessions, tags=tags)
+        self.slots_free.set(stats.slots_free, tags=tags)
+        self.decoding.set(stats.decoding, tags=tags)
+        self.queue_depth.set(stats.prefill_queue, tags=tags)
+        self.kv_bytes.set(stats.kv_bytes, tags=tags)
         for name, counter in (
             ("generated_tokens", self.generated),
             ("decode_tokens", self.decode_tokens),
             ("prefill_tokens", self.prefill_tokens),
             ("turns_finished", self.turns),
         ):
-            delta = stats[name] - self._last.get(name, 0)
+            value = getattr(stats, name)
+            delta = value - self._last.get(name, 0)
             if delta > 0:
                 counter.inc(delta, tags=tags)
-            self._last[name] = stats[name]
+            self._last[name] = value
         for seconds in new_step_seconds:
             self.step_ms.observe(1000 * seconds, tags=tags)

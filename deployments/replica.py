@@ -29,13 +29,12 @@ class SessionReplica:
     async def __init__(self, settings: AppSettings, directory) -> None:
         import ray
 
-        from sinkcache.builder import EngineConfig, start_engine
+        from sinkcache.host.start import start_engine
 
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         loop = asyncio.get_running_loop()
-        config = EngineConfig(**settings.engine_kwargs())
-        self.engine = await start_engine(config, in_process=not settings.engine_process)
+        self.engine = await start_engine(settings.engine, in_process=not settings.engine_process)
         self.metrics = ReplicaMetrics(self.replica_id)
         self.server, self.sessions, self.health, port = await start_replica_server(
             self.engine, self.replica_id, settings
@@ -54,9 +53,9 @@ class SessionReplica:
         return {
             "replica_id": self.replica_id,
             "address": self.address,
-            "slots_free": stats["slots_free"],
-            "slots_total": stats["slots_total"],
-            "sessions": stats["sessions"],
+            "slots_free": stats.slots_free,
+            "slots_total": stats.slots_total,
+            "sessions": stats.sessions,
         }
 
     async def _heartbeat(self) -> None:

@@ -10,48 +10,32 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deployments.convert import (
-    StreamError,
-    append_input,
-    generation_params,
-    server_message,
-    status_for,
-)
+from deployments.convert import append_input, generation_params, server_message, status_for
 from deployments.resume import resume_token, token_matches
 from deployments.settings import AppSettings
-from sinkcache.async_engine import AsyncEngine
-from sinkcache.engine_loop import SessionInfo
-from sinkcache.engine_process import ProcessEngine
-from sinkcache.session import SessionNotFoundError
-from sinkserve.v1 import streaming_llm_pb2 as pb
-from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+from sinkcache.errors import SessionNotFoundError
+from sinkcache.host.protocol import Engine, SessionInfo
+from sinkwire.options import SERVER_OPTIONS
+from sinkwire.session_ids import new_session_id
+from sinkwire.status import StreamError
+from sinkwire.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVER_OPTIONS = [
-    ("grpc.so_reuseport", 0),  # fail loudly instead of silently sharing a port
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_concurrent_streams", 100_000),
-]
 _END = object()  # ends a stream normally
 
 
 class ReplicaSessions:
     """Which stream each session is attached to; sessions with none expire after a TTL."""
 
-    def __init__(
-        self, engine: AsyncEngine | ProcessEngine, replica_id: str, settings: AppSettings
-    ) -> None:
+    def __init__(self, engine: Engine, replica_id: str, settings: AppSettings) -> None:
         self.engine = engine
         self.replica_id = replica_id
         self.settings = settings
@@ -69,7 +53,7 @@ class ReplicaSessions:
                 capacity=info.capacity,
                 stream_position=info.stream_pos,
                 resumed=resumed,
-                model=self.settings.model,
+                model=self.settings.engine.model,
             ),
             replica_id=self.replica_id,
         )
@@ -80,21 +64,22 @@ class ReplicaSessions:
         """Open or resume the session the stream's first message names; the stream now owns it."""
         kind = first.WhichOneof("kind")
         if kind == "open":
-            info = await self.engine.open_session(f"{self.replica_id}.{uuid.uuid4().hex}")
+            info = await self.engine.open_session(new_session_id(self.replica_id))
             resumed = False
         elif kind == "resume":
             session_id = first.resume.session_id
             if not session_id:
                 raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "resume needs a session_id")
-            info = await self.engine.session_info(session_id, settled=True)
+            # The token first: a caller without it learns nothing and makes nothing wait.
             if not token_matches(
                 self.settings.resume_secret, session_id, first.resume.resume_token
             ):
                 raise StreamError(grpc.StatusCode.PERMISSION_DENIED, "wrong resume token")
+            info = await self.engine.session_info(session_id, settled=True)
             resumed = True
         else:
             raise StreamError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
                 "the first message of a stream must be open or resume",
             )
         previous = self.attached.get(info.session_id)
@@ -199,7 +184,7 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
                     return
                 elif kind in ("open", "resume"):
                     raise StreamError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.FAILED_PRECONDITION,
                         f"this stream already has session {session_id}",
                     )
                 else:
@@ -240,25 +225,25 @@ async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
     stats = await sessions.engine.stats()
     return pb.ReplicaStats(
         replica_id=sessions.replica_id,
-        sessions=stats["sessions"],
-        slots_total=stats["slots_total"],
-        slots_used=stats["slots_used"],
-        slots_free=stats["slots_free"],
-        generated_tokens=stats["generated_tokens"],
-        steps=stats["steps"],
-        step_ms_p50=stats["step_ms_p50"],
-        kv_bytes=stats["kv_bytes"],
-        device=stats["device"],
-        model=sessions.settings.model,
+        sessions=stats.sessions,
+        slots_total=stats.slots_total,
+        slots_used=stats.slots_used,
+        slots_free=stats.slots_free,
+        generated_tokens=stats.generated_tokens,
+        steps=stats.steps,
+        step_ms_p50=stats.step_ms_p50,
+        kv_bytes=stats.kv_bytes,
+        device=stats.device,
+        model=sessions.settings.engine.model,
         # this process plus the engine's own when it runs in a child process
-        process_rss_bytes=psutil.Process().memory_info().rss + stats["engine_rss_bytes"],
-        decode_tokens=stats["decode_tokens"],
-        prefill_tokens=stats["prefill_tokens"],
+        process_rss_bytes=psutil.Process().memory_info().rss + stats.engine_rss_bytes,
+        decode_tokens=stats.decode_tokens,
+        prefill_tokens=stats.prefill_tokens,
     )
 
 
 async def start_replica_server(
-    engine: AsyncEngine | ProcessEngine, replica_id: str, settings: AppSettings, port: int = 0
+    engine: Engine, replica_id: str, settings: AppSettings, port: int = 0
 ) -> tuple[grpc.aio.Server, ReplicaSessions, health.aio.HealthServicer, int]:
     """Serve `engine`'s sessions on `port` (0: any free port); returns the bound port too."""
     sessions = ReplicaSessions(engine, replica_id, settings)

@@ -23,8 +23,8 @@ import grpc
 from deployments.gateway_service import REPLICA_STALE_AFTER_S, GatewayService
 from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
-from sinkserve.v1 import streaming_llm_pb2 as pb
-from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+from sinkwire.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sinkserve.standalone")
 
@@ -38,12 +38,10 @@ async def _until_signal() -> None:
 
 
 async def run_replica(settings: AppSettings, port: int, replica_id: str) -> None:
-    from sinkcache.builder import EngineConfig, start_engine
+    from sinkcache.host.start import start_engine
 
     loop = asyncio.get_running_loop()
-    engine = await start_engine(
-        EngineConfig(**settings.engine_kwargs()), in_process=not settings.engine_process
-    )
+    engine = await start_engine(settings.engine, in_process=not settings.engine_process)
     server, sessions, _, bound = await start_replica_server(engine, replica_id, settings, port)
     expiry = loop.create_task(sessions.expire())
     print(f"ready replica {replica_id} on port {bound}", flush=True)

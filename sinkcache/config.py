@@ -1,7 +1,9 @@
-"""Model shapes and cache geometry: plain data, with named presets.
+"""Model shapes and engine settings: plain, torch-free data.
 
 A `ModelShape` is everything the runner needs to lay out weights and the arena; presets are data
 (like gpt-fast's `transformer_configs`), so `tiny`, `smollm2-135m` and `llama3-8b` are not code paths.
+`EngineConfig` declares every engine setting once, with its default and help text: the app settings
+nest it, and the CLI builds its options from it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,83 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 class UnsupportedModelError(ValueError):
     """The model is not a Llama-family decoder this engine can run."""
+
+
+def setting(default: Any, help: str) -> Any:
+    """A settings field: its default and the one-line help the CLI shows."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine is built from (sinkcache.host.builder.build_core)."""
+
+    model: str = setting(
+        "default",
+        "default (the embedded SmolLM2-135M-Instruct), tiny, random:<preset>, or a local HF "
+        "model directory or .gguf file",
+    )
+    sink: int = setting(4, "attention-sink tokens each session keeps forever")
+    window: int = setting(1020, "recent tokens each session keeps (a ring)")
+    slots: int | None = setting(
+        None,
+        "sessions per engine (cache slots); default: from --kv-memory-gib, else 80%% of "
+        "free GPU memory, else 64 on CPU",
+    )
+    kv_memory_gib: float | None = setting(None, "KV arena size in GiB (sets the slots)")
+    dtype: str = setting(
+        "auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    )
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    prefill_budget: int | None = setting(
+        None,
+        "prefill tokens per step, shared by new input (decode rows always run); default "
+        "2048 on CUDA, 512 on CPU",
+    )
+    cuda_graphs: bool = setting(True, "run decode steps as CUDA-graph replays")
+    attention: str = setting("auto", "kernels: auto (Triton on CUDA), reference or triton")
+    seed: int = setting(0, "weight seed of random models")
+    torch_threads: int | None = setting(None, "intra-op threads of a CPU engine")
+    flush_interval_s: float = setting(0.005, "how often reply tokens are flushed to clients")
+    max_events_per_s: float = setting(
+        5000.0, "under load, flush less often so that messages per second stay near this"
+    )
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, with a one-line reason (before anything starts)."""
+        problems = []
+        if self.sink < 0:
+            problems.append(f"sink must be >= 0, got {self.sink}")
+        if self.window < 1:
+            problems.append(f"window must be >= 1, got {self.window}")
+        if self.slots is not None and self.slots < 1:
+            problems.append(f"slots must be >= 1, got {self.slots}")
+        if self.kv_memory_gib is not None and not self.kv_memory_gib > 0:
+            problems.append(f"kv_memory_gib must be > 0, got {self.kv_memory_gib}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            problems.append(
+                f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.prefill_budget is not None and self.prefill_budget < 1:
+            problems.append(f"prefill_budget must be >= 1, got {self.prefill_budget}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            problems.append(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if not self.flush_interval_s >= 0:
+            problems.append(f"flush_interval_s must be >= 0, got {self.flush_interval_s}")
+        if not self.max_events_per_s > 0:
+            problems.append(f"max_events_per_s must be > 0, got {self.max_events_per_s}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -67,6 +146,24 @@ class ModelShape:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Sink tokens kept forever plus a ring of recent tokens: capacity = sink + window."""
+
+    sink: int
+    window: int
+
+    def __post_init__(self) -> None:
+        if self.sink < 0 or self.window < 1:
+            raise ValueError(
+                f"need sink >= 0 and window >= 1, got sink={self.sink} window={self.window}"
+            )
+
+    @property
+    def capacity(self) -> int:
+        return self.sink + self.window
 
 
 PRESETS: dict[str, ModelShape] = {

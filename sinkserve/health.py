@@ -20,8 +20,8 @@ def is_serving(target: str, service: str = "", timeout_s: float = 2.0) -> bool:
 
 def replica_count(target: str, timeout_s: float = 2.0) -> int:
     """How many session replicas the gateway at `target` can reach (the Stats RPC)."""
-    from sinkserve.v1 import streaming_llm_pb2 as pb
-    from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+    from sinkwire.v1 import streaming_llm_pb2 as pb
+    from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
         try:

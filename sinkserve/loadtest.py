@@ -24,8 +24,8 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from sinkserve.client import AsyncSession, SessionError
-from sinkserve.v1 import streaming_llm_pb2 as pb
-from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+from sinkwire.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 

@@ -24,7 +24,9 @@ def running_service(**overrides) -> Iterator[str]:
     from deployments.app import build_app
     from sinkserve.health import wait_serving
 
-    settings = AppSettings(host="127.0.0.1", port=free_port(), torch_threads=1, **overrides)
+    settings = AppSettings.from_args(
+        {"host": "127.0.0.1", "port": free_port(), "torch_threads": 1, **overrides}
+    )
     ray.init(num_cpus=8, include_dashboard=False, namespace="sinkserve-tests", log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sinkcache import assets
-from sinkcache.assets import (
+from sinkcache.models import assets
+from sinkcache.models.assets import (
     AssetFetchError,
     ModelSource,
     default_model,

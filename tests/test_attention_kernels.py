@@ -1,4 +1,4 @@
-"""The Triton attention kernels compute the reference function (sinkcache.attention.reference).
+"""The Triton attention kernels compute the reference function (sinkcache.core.attention.reference).
 
 On a machine without CUDA they run in Triton's interpreter (tests/conftest.py turns it on before
 triton is imported). Every case draws fresh random data from its own seed, poisons the output with
@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from sinkcache.attention import reference, triton_decode, triton_prefill
+from sinkcache.core.attention import reference, triton_decode, triton_prefill
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import AddedToken, processors
 
-from sinkcache.assets import load_default_tokenizer
-from sinkcache.chat import ChatFormat, ChatTemplateError
+from sinkcache.models.assets import load_default_tokenizer
+from sinkcache.text.chat import ChatFormat, ChatTemplateError
 from tests.test_detokenize import sentencepiece_tokenizer
 
 # meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json

@@ -10,8 +10,8 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sinkcache.assets import load_default_tokenizer, shakespeare_text
-from sinkcache.detokenize import StreamDecoder, TokenTable
+from sinkcache.models.assets import load_default_tokenizer, shakespeare_text
+from sinkcache.text.detokenize import StreamDecoder, TokenTable
 
 MIXED_SCRIPTS = (
     "Héllo wörld — naïve café, Ελληνικά, Привет!\n\n你好，世界！日本語のテキスト。한국어\n"

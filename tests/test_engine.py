@@ -8,23 +8,16 @@ import random
 import pytest
 import torch
 
-from sinkcache.arena import ArenaFullError, CacheGeometry, KVArena
-from sinkcache.async_engine import AsyncEngine
-from sinkcache.attention.backend import REFERENCE
-from sinkcache.config import ModelShape, shape_to_hf_config
-from sinkcache.engine import EngineCore
-from sinkcache.inputs import TokenInput
-from sinkcache.loader import from_hf_model
-from sinkcache.runner import ModelRunner
-from sinkcache.sampling import GenerationParams
-from sinkcache.session import (
-    EndReason,
-    InvalidRequestError,
-    ScoresEvent,
-    SessionNotFoundError,
-    TokensEvent,
-    TurnEndEvent,
-)
+from sinkcache.config import CacheGeometry, ModelShape, shape_to_hf_config
+from sinkcache.core.arena import KVArena
+from sinkcache.core.attention.backend import REFERENCE
+from sinkcache.core.engine import EngineCore
+from sinkcache.core.runner import ModelRunner
+from sinkcache.errors import ArenaFullError, InvalidRequestError, SessionNotFoundError
+from sinkcache.events import EndReason, ScoresEvent, TokensEvent, TurnEndEvent
+from sinkcache.host.thread import ThreadEngine
+from sinkcache.inputs import GenerationParams, TokenInput
+from sinkcache.models.loader import from_hf_model
 from tests.streaming_reference import ReferenceStream
 
 SHAPE = ModelShape(
@@ -47,11 +40,11 @@ def models():
     return hf, from_hf_model(hf, torch.float32, "cpu")
 
 
-def make_engine(model, geometry, slots=8, eos=(), prefill_budget=64) -> AsyncEngine:
+def make_engine(model, geometry, slots=8, eos=(), prefill_budget=64) -> ThreadEngine:
     arena = KVArena(model.shape, geometry, slots, torch.float32, "cpu")
     runner = ModelRunner(model, arena, REFERENCE)
     core = EngineCore(runner, None, prefill_budget, eos_ids=frozenset(eos))
-    engine = AsyncEngine(core, flush_interval=0.0)
+    engine = ThreadEngine(core, flush_interval=0.0)
     engine.start()
     return engine
 
@@ -210,7 +203,7 @@ async def test_no_cache_memory_after_startup(models) -> None:
     _, ours = models
     engine = make_engine(ours, CacheGeometry(2, 6), slots=3)
     arena = engine.core.arena
-    tensors = {"k": arena.k, "v": arena.v, "seen": arena.seen, "ids": arena.token_ids}
+    tensors = {"k": arena.k, "v": arena.v, "seen": arena.seen, "next": arena.next_token}
     storage = {
         name: (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         for name, t in tensors.items()
@@ -249,7 +242,8 @@ async def test_seeded_sampling_is_independent_of_batching(models) -> None:
 
 async def test_text_chat_and_stop_strings_with_a_tokenizer() -> None:
     """Text appends, chat turns and stop strings, on the tiny model with the default tokenizer."""
-    from sinkcache.builder import EngineConfig, build_engine
+    from sinkcache.config import EngineConfig
+    from sinkcache.host.builder import build_engine
     from sinkcache.inputs import ChatTurn, TextInput
 
     engine = build_engine(
@@ -261,7 +255,7 @@ async def test_text_chat_and_stop_strings_with_a_tokenizer() -> None:
         greedy = GenerationParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
         ids, _, end = await collect(await engine.append(session, ChatTurn("user", "hi"), greedy))
         assert end.reason == EndReason.LENGTH and len(ids) == 40
-        codec = engine.core.codec
+        codec = engine.core.intake.codec
         full = codec.decode(ids)
         stop = full[10:13]  # a piece of what greedy decoding says next, from the same state
         other = (await engine.open_session()).session_id

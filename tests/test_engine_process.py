@@ -1,4 +1,4 @@
-"""ProcessEngine: the engine in a child process behaves as the in-thread AsyncEngine does."""
+"""ProcessEngine: the engine in a child process behaves as the in-thread ThreadEngine does."""
 
 from __future__ import annotations
 
@@ -8,20 +8,17 @@ import time
 
 import pytest
 
-from sinkcache.arena import ArenaFullError
-from sinkcache.builder import EngineConfig, build_engine
-from sinkcache.engine_process import ProcessEngine
-from sinkcache.inputs import ChatTurn, TokenInput
-from sinkcache.sampling import GenerationParams
-from sinkcache.session import (
-    EndReason,
+from sinkcache.config import EngineConfig
+from sinkcache.errors import (
+    ArenaFullError,
     EngineStoppedError,
     InvalidRequestError,
-    ScoresEvent,
     SessionNotFoundError,
-    TokensEvent,
-    TurnEndEvent,
 )
+from sinkcache.events import EndReason, ScoresEvent, TokensEvent, TurnEndEvent
+from sinkcache.host.builder import build_engine
+from sinkcache.host.process import ProcessEngine
+from sinkcache.inputs import ChatTurn, GenerationParams, TokenInput
 
 CONFIG = EngineConfig(model="tiny", sink=4, window=60, slots=6, flush_interval_s=0.0)
 SAMPLED = GenerationParams(max_new_tokens=150, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
@@ -99,9 +96,9 @@ async def test_errors_cancel_close_and_stats() -> None:
         ids, _, _, end = await collect(stream)
         assert end.reason == EndReason.CANCELLED
         stats = await engine.stats()
-        assert stats["sessions"] == 1 and stats["device"] == "cpu"
-        assert stats["generated_tokens"] == len(first.ids) + len(ids)
-        assert stats["engine_rss_bytes"] > 10 * 2**20
+        assert stats.sessions == 1 and stats.device == "cpu"
+        assert stats.generated_tokens == len(first.ids) + len(ids)
+        assert stats.engine_rss_bytes > 10 * 2**20
         assert await engine.take_step_seconds() and not await engine.take_step_seconds()
         os.kill(engine.pid, signal.SIGSTOP)  # a long step: stats answer anyway, from the last
         try:

@@ -1,4 +1,4 @@
-"""The fused Triton ops compute the reference ops (sinkcache.ops.reference), and the model forward
+"""The fused Triton ops compute the reference ops (sinkcache.core.ops.reference), and the model forward
 with the Triton backend computes what it computes with the reference backend.
 
 On a machine without CUDA the kernels run in Triton's interpreter (tests/conftest.py). Every case
@@ -16,12 +16,13 @@ import random
 import pytest
 import torch
 
-from sinkcache.arena import CacheGeometry, KVArena
-from sinkcache.attention.backend import REFERENCE, triton_backend
-from sinkcache.config import ModelShape
-from sinkcache.model import Transformer
-from sinkcache.ops import reference, triton_fused
-from sinkcache.runner import ModelRunner, PrefillChunk, StepPlan
+from sinkcache.config import CacheGeometry, ModelShape
+from sinkcache.core.arena import KVArena
+from sinkcache.core.attention.backend import REFERENCE, triton_backend
+from sinkcache.core.model import Transformer
+from sinkcache.core.ops import reference, triton_fused
+from sinkcache.core.plan import PrefillChunk, StepPlan
+from sinkcache.core.runner import ModelRunner
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A fresh base seed per run (printed with any failure); set SINKSERVE_TEST_SEED to replay one.

@@ -15,7 +15,7 @@ import pytest
 from sinkserve.client import AsyncSession
 from sinkserve.health import wait_serving
 from sinkserve.loadtest import LoadConfig, run, summary
-from sinkserve.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2 as pb
 from tests.service import free_port, running_service
 
 pytestmark = pytest.mark.slow

@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkcache.arena import CacheGeometry, KVArena
-from sinkcache.attention.backend import REFERENCE
 from sinkcache.config import (
+    CacheGeometry,
     ModelShape,
     UnsupportedModelError,
     shape_from_hf_config,
     shape_to_hf_config,
 )
-from sinkcache.loader import from_hf_model
-from sinkcache.runner import ModelRunner, PrefillChunk, StepPlan
+from sinkcache.core.arena import KVArena
+from sinkcache.core.attention.backend import REFERENCE
+from sinkcache.core.plan import PrefillChunk, StepPlan
+from sinkcache.core.runner import ModelRunner
+from sinkcache.models.loader import from_hf_model
 
 BASE = ModelShape(
     vocab_size=97,

@@ -34,5 +34,5 @@ def test_wheel_carries_the_proto(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("sinkserve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "sinkserve/protos/sinkserve/v1/streaming_llm.proto" in names
-    assert "sinkserve/v1/streaming_llm_pb2_grpc.py" in names
+    assert "sinkwire/protos/sinkserve/v1/streaming_llm.proto" in names
+    assert "sinkwire/v1/streaming_llm_pb2_grpc.py" in names

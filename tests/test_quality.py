@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkcache.assets import shakespeare_text
-from sinkcache.eval_ppl import evaluate
-from sinkcache.loader import load_model
+from sinkcache.models.assets import shakespeare_text
+from sinkcache.models.loader import load_model
+from sinkcache.tools.eval_ppl import evaluate
 
 pytestmark = pytest.mark.slow
 

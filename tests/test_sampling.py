@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkcache.ops.triton_sampling import nucleus_threshold
-from sinkcache.sampling import (
-    GenerationParams,
-    SamplerVariant,
-    SlotSampler,
-    draw_nucleus,
-    row_uniform,
-)
+from sinkcache.core.ops.triton_sampling import nucleus_threshold
+from sinkcache.core.sampling import SamplerVariant, SlotSampler, draw_nucleus, row_uniform
+from sinkcache.inputs import GenerationParams
 
 VOCAB = 12
 DRAWS = 40_000

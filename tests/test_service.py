@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sinkserve.client import AsyncSession, GenerationParams, SessionError
-from sinkserve.v1 import streaming_llm_pb2 as pb
-from sinkserve.v1 import streaming_llm_pb2_grpc as pb_grpc
+from sinkwire.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 from tests.service import running_service
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ async def test_drop_mid_generation_and_resume(address) -> None:
 
     with pytest.raises(SessionError) as wrong:
         await AsyncSession.resume(address, session.session_id, "not-the-token")
-    assert wrong.value.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
+    assert wrong.value.code == grpc.StatusCode.PERMISSION_DENIED
 
     other = await AsyncSession.open(address)
     with pytest.raises(SessionError) as denied:
@@ -102,8 +102,8 @@ async def test_drop_mid_generation_and_resume(address) -> None:
             [pb.ClientMessage(resume=pb.Resume(session_id="nope.123", resume_token="x"))],
             "NOT_FOUND",
         ),
-        ([pb.ClientMessage(append=pb.Append(text="hi"))], "INVALID_ARGUMENT"),
-        ([pb.ClientMessage()], "INVALID_ARGUMENT"),
+        ([pb.ClientMessage(append=pb.Append(text="hi"))], "FAILED_PRECONDITION"),
+        ([pb.ClientMessage()], "FAILED_PRECONDITION"),
         (
             [
                 pb.ClientMessage(open=pb.Open()),
@@ -133,7 +133,7 @@ async def test_drop_mid_generation_and_resume(address) -> None:
         ),
         (
             [pb.ClientMessage(open=pb.Open()), pb.ClientMessage(open=pb.Open())],
-            "INVALID_ARGUMENT",
+            "FAILED_PRECONDITION",
         ),
     ],
 )
@@ -187,7 +187,7 @@ def test_health_stats_and_a_client_from_the_proto_alone(address, tmp_path) -> No
     # and use it from a process that imports none of the project's code.
     from grpc_tools import protoc
 
-    from sinkserve.protos import PROTO_FILE, proto_root
+    from sinkwire.protos import PROTO_FILE, proto_root
 
     (tmp_path / "contract.proto").write_text((proto_root() / PROTO_FILE).read_text())
     assert (

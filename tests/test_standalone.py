@@ -14,7 +14,7 @@ import pytest
 
 from sinkserve.client import AsyncSession, SessionError
 from sinkserve.health import wait_serving
-from sinkserve.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2 as pb
 from tests.service import free_port
 
 pytestmark = pytest.mark.slow

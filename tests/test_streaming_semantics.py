@@ -7,11 +7,12 @@ import random
 import pytest
 import torch
 
-from sinkcache.arena import CacheGeometry, KVArena
-from sinkcache.attention.backend import REFERENCE
-from sinkcache.config import ModelShape, shape_to_hf_config
-from sinkcache.loader import from_hf_model
-from sinkcache.runner import ModelRunner, PrefillChunk, StepPlan
+from sinkcache.config import CacheGeometry, ModelShape, shape_to_hf_config
+from sinkcache.core.arena import KVArena
+from sinkcache.core.attention.backend import REFERENCE
+from sinkcache.core.plan import PrefillChunk, StepPlan
+from sinkcache.core.runner import ModelRunner
+from sinkcache.models.loader import from_hf_model
 from tests.streaming_reference import ReferenceStream
 
 SHAPE = ModelShape(

