@@ -341,7 +341,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     if data["kills"]:
         failover = data["failover_ms"]
         rows = [
-            f"{len(data['kills'])} {args.chaos_target} process(es) killed",
+            f"{len(data['kills'])} process(es) killed ({args.chaos_target})",
             f"failover p50 {failover['p50']} ms, p99 {failover['p99']} ms",
             f"reply tokens lost {data['lost_reply_tokens']}",
         ]
@@ -420,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGKILL a replica process on this host every S seconds (after the ramp)",
     )  # fmt: skip
     lt.add_argument(
-        "--chaos-target", choices=("replica", "engine"), default="replica",
-        help="what --chaos-kill-every kills: a replica's process, or its engine process",
+        "--chaos-target", choices=("replica", "engine", "alternate"), default="replica",
+        help="what --chaos-kill-every kills: a replica's process, its engine process, or each "
+        "in turn",
     )  # fmt: skip
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")
