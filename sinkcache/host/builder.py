@@ -65,8 +65,12 @@ def _slot_count(
     return slots
 
 
-def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:
-    """Load the model (unless given), size and allocate the arena, wire the runner."""
+def build_core(
+    config: EngineConfig, loaded: LoadedModel | None = None, warm_up: bool = True
+) -> EngineCore:
+    """Load the model (unless given), size and allocate the arena, wire the runner; on CUDA, warm
+    up (compile every kernel, capture every decode graph) unless `warm_up` is False (benchmarks
+    that use one batch size)."""
     config.validate()
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -104,7 +108,7 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
         arena.nbytes() / 2**20,
     )
     core = EngineCore(runner, codec, prefill_budget, eos_ids=frozenset(loaded.shape.eos_token_ids))
-    if device.type == "cuda":
+    if device.type == "cuda" and warm_up:
         started = time.perf_counter()
         core.warm_up()
         log.info(

@@ -154,10 +154,11 @@ def to_fp8(x, INTERPRETER: tl.constexpr):
 @triton.jit
 def fp8_scale(amax):
     """The scale of a head vector whose largest magnitude is `amax` (float32)."""
-    return tl.div_rn(tl.maximum(amax, _FP8_MIN_SCALE_AMAX), _FP8_MAX)
+    amax = tl.maximum(amax, _FP8_MIN_SCALE_AMAX)
+    return tl.div_rn(amax, tl.full(amax.shape, _FP8_MAX, tl.float32))
 
 
 @triton.jit
 def quantize_fp8(x, scale, INTERPRETER: tl.constexpr):
     """x [ROWS, N] float32 -> e4m3 codes of x / scale (scale [ROWS] float32)."""
-    return to_fp8(tl.div_rn(x, scale[:, None]), INTERPRETER)
+    return to_fp8(tl.div_rn(x, tl.broadcast_to(scale[:, None], x.shape)), INTERPRETER)

@@ -310,7 +310,6 @@ def _norm_qkv_rope_kernel(
     gdc_enter(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     act_dtype: tl.constexpr = x_ptr.dtype.element_ty
-    cache_dtype: tl.constexpr = k_cache_ptr.dtype.element_ty
     block = tl.program_id(0)
     head = block // SUB
     offs_j = (block % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)  # index within the half head
@@ -347,37 +346,66 @@ def _norm_qkv_rope_kernel(
         tl.store(dst, round_to(r_lo, act_dtype, INTERPRETER), mask=mask)
         tl.store(dst + HALF, round_to(r_hi, act_dtype, INTERPRETER), mask=mask)
     else:  # a key or value head: into the arena at (slot, write index)
-        is_key = head < NUM_HEADS + NUM_KV_HEADS
-        kv_head = tl.where(is_key, head - NUM_HEADS, head - NUM_HEADS - NUM_KV_HEADS).to(tl.int64)
         slot = tl.load(slots_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         position = tl.load(write_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        if is_key:
+        if head < NUM_HEADS + NUM_KV_HEADS:
             r_lo, r_hi = _rotate_tile(lo, hi, cos_ptr, sin_ptr, stride_cos, stride_sin, rows,
                                       mask, offs_j, HALF)  # fmt: skip
-            lo = round_to(r_lo, act_dtype, INTERPRETER).to(tl.float32)
-            hi = round_to(r_hi, act_dtype, INTERPRETER).to(tl.float32)
-            cache_ptr, scale_ptr = k_cache_ptr, k_scale_ptr
-            stride_slot, stride_head, stride_pos = stride_k_slot, stride_k_head, stride_k_pos
-            stride_s_slot, stride_s_head = stride_ks_slot, stride_ks_head
+            _store_head(
+                k_cache_ptr, k_scale_ptr, stride_k_slot, stride_k_head, stride_k_pos,
+                stride_ks_slot, stride_ks_head, head - NUM_HEADS, slot, position, row_ok, mask,
+                offs_j, round_to(r_lo, act_dtype, INTERPRETER).to(tl.float32),
+                round_to(r_hi, act_dtype, INTERPRETER).to(tl.float32),
+                HALF, QUANT, INTERPRETER,
+            )  # fmt: skip
         else:
-            cache_ptr, scale_ptr = v_cache_ptr, v_scale_ptr
-            stride_slot, stride_head, stride_pos = stride_v_slot, stride_v_head, stride_v_pos
-            stride_s_slot, stride_s_head = stride_vs_slot, stride_vs_head
-        dst = cache_ptr + slot * stride_slot + kv_head * stride_head + position * stride_pos
-        dst = dst[:, None] + offs_j[None, :]
-        if QUANT:  # SUB == 1: this program holds the whole head, so it owns the scale
-            amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
-            scale = fp8_scale(amax)
-            tl.store(
-                scale_ptr + slot * stride_s_slot + kv_head * stride_s_head + position,
-                scale,
-                mask=row_ok,
-            )
-            tl.store(dst, quantize_fp8(lo, scale, INTERPRETER), mask=mask)
-            tl.store(dst + HALF, quantize_fp8(hi, scale, INTERPRETER), mask=mask)
-        else:
-            tl.store(dst, round_to(lo, cache_dtype, INTERPRETER), mask=mask)
-            tl.store(dst + HALF, round_to(hi, cache_dtype, INTERPRETER), mask=mask)
+            _store_head(
+                v_cache_ptr, v_scale_ptr, stride_v_slot, stride_v_head, stride_v_pos,
+                stride_vs_slot, stride_vs_head, head - NUM_HEADS - NUM_KV_HEADS, slot, position,
+                row_ok, mask, offs_j, lo, hi, HALF, QUANT, INTERPRETER,
+            )  # fmt: skip
+
+
+@triton.jit
+def _store_head(
+    cache_ptr,
+    scale_ptr,
+    stride_slot,
+    stride_head,
+    stride_pos,
+    stride_scale_slot,
+    stride_scale_head,
+    kv_head,
+    slot,  # [BLOCK_M] int64
+    position,  # [BLOCK_M] int64
+    row_ok,
+    mask,
+    offs_j,
+    lo,  # [BLOCK_M, BLOCK_N] float32, rounded to the activation dtype
+    hi,
+    HALF: tl.constexpr,
+    QUANT: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """Store one k or v head's columns of these rows into the arena (fp8: codes and scales; then
+    the program holds the whole head, SUB == 1, so it owns the scale)."""
+    kv_head = kv_head.to(tl.int64)
+    dst = cache_ptr + slot * stride_slot + kv_head * stride_head + position * stride_pos
+    dst = dst[:, None] + offs_j[None, :]
+    if QUANT:
+        amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
+        scale = fp8_scale(amax)
+        tl.store(
+            scale_ptr + slot * stride_scale_slot + kv_head * stride_scale_head + position,
+            scale,
+            mask=row_ok,
+        )
+        tl.store(dst, quantize_fp8(lo, scale, INTERPRETER), mask=mask)
+        tl.store(dst + HALF, quantize_fp8(hi, scale, INTERPRETER), mask=mask)
+    else:
+        cache_dtype: tl.constexpr = cache_ptr.dtype.element_ty
+        tl.store(dst, round_to(lo, cache_dtype, INTERPRETER), mask=mask)
+        tl.store(dst + HALF, round_to(hi, cache_dtype, INTERPRETER), mask=mask)
 
 
 def norm_qkv_rope(
