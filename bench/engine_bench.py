@@ -41,7 +41,7 @@ from sinkcache.core.runner import DECODE_BUCKETS
 from sinkcache.core.sampling import SamplerVariant
 from sinkcache.host.builder import build_core
 from sinkcache.inputs import GenerationParams, TokenInput
-from sinkcache.models.loader import load_model
+from sinkcache.models.loader import LoadedModel, random_model
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:
@@ -59,6 +59,13 @@ def copy_bandwidth(gib: float = 4.0) -> float:
         times.append(start.elapsed_time(end) / 1000)
     del src, dst
     return 2 * n * 2 / sorted(times[5:])[len(times[5:]) // 2]
+
+
+def random_loaded(preset: str, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    """Random weights in a preset's shape on the GPU, without a tokenizer (token ids only: the
+    GPU machine cannot fetch the default tokenizer)."""
+    shape = PRESETS[preset]
+    return LoadedModel(f"random:{preset}", shape, random_model(shape, dtype, "cuda"), None)
 
 
 class _Null:
@@ -294,7 +301,7 @@ def main() -> None:
 
     for preset, caches in plans.items():
         shape = PRESETS[preset]
-        loaded = load_model(f"random:{preset}", torch.bfloat16, "cuda")
+        loaded = random_loaded(preset)
         weight_bytes = shape.weight_bytes(2)
         for window, batches in caches.items():
             sink = 4

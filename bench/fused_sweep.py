@@ -19,11 +19,10 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from engine_bench import decoding_core, parse_rows, step_graph, time_graph
+from engine_bench import decoding_core, parse_rows, random_loaded, step_graph, time_graph
 
 from sinkcache.core.attention import triton_decode
 from sinkcache.core.ops import triton_linear
-from sinkcache.models.loader import load_model
 
 KINDS = ("qkv", "gate_up", "o_proj", "down")
 LINEAR = {
@@ -63,7 +62,7 @@ def main() -> None:
     out = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(), "runs": []}
     candidates = LINEAR if args.sweep == "linear" else DECODE
     for preset, caches in parse_rows(args.rows).items():
-        loaded = load_model(f"random:{preset}", torch.bfloat16, "cuda")
+        loaded = random_loaded(preset)
         for window, batches in caches.items():
             for batch in batches:
                 core = decoding_core(loaded, 4, window, batch, args.kv_dtype)

@@ -24,11 +24,17 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from engine_bench import decoding_core, parse_rows, step_graph, time_graph, variant_settings
+from engine_bench import (
+    decoding_core,
+    parse_rows,
+    random_loaded,
+    step_graph,
+    time_graph,
+    variant_settings,
+)
 from torch.profiler import ProfilerActivity, profile
 
 from sinkcache.config import PRESETS
-from sinkcache.models.loader import load_model
 
 CATEGORIES = [  # (category, pattern on the kernel name), first match wins
     ("attention", r"_decode_split|_decode_merge|_prefill_kernel"),
@@ -139,7 +145,7 @@ def main() -> None:
     out = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(), "runs": []}
     for preset, caches in parse_rows(args.rows).items():
         shape = PRESETS[preset]
-        loaded = load_model(f"random:{preset}", torch.bfloat16, "cuda")
+        loaded = random_loaded(preset)
         for window, batches in caches.items():
             for batch in batches:
                 for kv_dtype in args.kv_dtype.split(","):
