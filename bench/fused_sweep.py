@@ -40,11 +40,11 @@ LINEAR = {
 }
 DECODE = {
     "default": {},
-    "n64": {"block_n": 64},
-    "n256": {"block_n": 256},
-    "s2": {"num_stages": 2},
-    "s4": {"num_stages": 4},
     "w8": {"num_warps": 8},
+    "n256": {"block_n": 256},
+    "s4": {"num_stages": 4},
+    "n64": {"block_n": 64},
+    "s2": {"num_stages": 2},
 }
 
 
@@ -78,6 +78,7 @@ def main() -> None:
                         triton_decode.DECODE_CONFIG_OVERRIDE.update(options)
                     try:
                         core.runner._graphs.clear()
+                        core.runner._graph_pool = None  # a fresh pool: the old graphs are gone
                         core.step()  # captures this bucket's graph with the candidate
                         core.step()
                         torch.cuda.synchronize()

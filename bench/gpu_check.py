@@ -38,7 +38,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check_backends(loaded, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> float:
+def check_backends(
+    loaded, dtype: torch.dtype, kv_dtype: torch.dtype | None = None, steps: int = 30
+) -> float:
     """Worst relative error of Triton-backend logits against the reference backend."""
     geometry = CacheGeometry(4, 60)
     worst = 0.0
@@ -53,7 +55,7 @@ def check_backends(loaded, dtype: torch.dtype, kv_dtype: torch.dtype | None = No
     for name in runners:
         for i in range(6):
             arenas[name].allocate(base=10**9 * (i % 2))
-    for _ in range(30):
+    for _ in range(steps):
         decode_rows = [i for i in range(3) if fed[i] > 0]
         chunks, rows = [], []
         for i in range(3, 6):
@@ -157,6 +159,10 @@ def check_nucleus_threshold(vocab: int = 49152, batch: int = 256) -> tuple[float
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pdl", action="store_true", help="also graph replies with PDL on")
+    parser.add_argument("--fp8-only", action="store_true", help="only the fp8-arena backend cases")
+    parser.add_argument("--steps", type=int, default=30, help="mixed steps per backend case")
+    parser.add_argument("--prompts", type=int, default=5, help="prompts of the graph-reply check")
+    parser.add_argument("--reply", type=int, default=200, help="tokens of each graph reply")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     failures = []
@@ -171,6 +177,8 @@ def main() -> int:
         (torch.bfloat16, FP8, "whole-layer kernels", 3e-2),
         (torch.bfloat16, FP8, "op by op", 3e-2),
     ]
+    if args.fp8_only:
+        cases = [c for c in cases if c[1] is not None]
     loaded_by_dtype = {}
     for dtype, kv_dtype, path, bound in cases:
         if dtype not in loaded_by_dtype:
@@ -178,10 +186,9 @@ def main() -> int:
             loaded_by_dtype[dtype] = LoadedModel(
                 "random:smollm2-135m", shape, random_model(shape, dtype, "cuda"), None
             )
-        if path == "op by op":
-            os.environ["SINKSERVE_FUSED_ROWS"] = "0"
+        os.environ["SINKSERVE_FUSED_ROWS"] = "0" if path == "op by op" else str(1 << 30)
         try:
-            err = check_backends(loaded_by_dtype[dtype], dtype, kv_dtype)
+            err = check_backends(loaded_by_dtype[dtype], dtype, kv_dtype, args.steps)
         finally:
             os.environ.pop("SINKSERVE_FUSED_ROWS", None)
         arena = "fp8 arena" if kv_dtype else "arena in the model dtype"
@@ -197,9 +204,9 @@ def main() -> int:
     rng = random.Random(1)
     prompts = [
         [rng.randrange(loaded.shape.vocab_size) for _ in range(rng.randint(1, 300))]
-        for _ in range(5)
+        for _ in range(args.prompts)
     ]
-    greedy = GenerationParams(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+    greedy = GenerationParams(max_new_tokens=args.reply, temperature=0.0, ignore_eos=True)
     window = 124
     graph_cases = [("auto", False), ("fp8_e4m3", False)] + ([("auto", True)] if args.pdl else [])
     for kv_dtype, pdl in graph_cases:

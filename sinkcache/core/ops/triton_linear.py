@@ -51,9 +51,11 @@ from sinkcache.core.ops.triton_fused import round_to, scale_args
 # when and how: rows up to fused_rows(shape) take these kernels (else cuBLAS and the op kernels)
 
 # Per model width (hidden size): the most rows a step may have and still take the fused kernels.
-# bench/profile_step.py --sweep measured it (docs/BENCHMARKS.md, section 7).
-FUSED_ROWS = {576: 256, 4096: 0}
-FUSED_ROWS_DEFAULT = 64
+# Measured on the H200 (docs/BENCHMARKS.md, section 7): these kernels halve the launches but
+# their small-M matmuls run 2-3x slower than cuBLAS (SmolLM2, one row: 1.54 ms a step against
+# 1.00 op by op; Llama-3-8B, 128 rows: 29.4 against 9.4), so no width takes them by default.
+FUSED_ROWS: dict[int, int] = {}
+FUSED_ROWS_DEFAULT = 0
 
 
 def fused_rows(shape: ModelShape) -> int:
