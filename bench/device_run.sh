@@ -48,13 +48,13 @@ call2() {
         --kv-dtype fp8_e4m3 --budget-s 15 --json "$OUT/sweep_decode_fp8.json"
 }
 call3() {
-    step 75 python bench/gpu_check.py --fp8-only --pdl --steps 12 --prompts 3 --reply 100
-    step 45 python bench/engine_bench.py --rows "smollm2-135m:2044:1024" --steps 30 \
+    step 60 python bench/gpu_check.py --fp8-only --pdl --steps 12 --prompts 3 --reply 100
+    step 40 python bench/engine_bench.py --rows "smollm2-135m:2044:1024" --steps 30 \
         --kv-dtype auto,fp8_e4m3 --no-baselines --json "$OUT/engine_fp8.json"
-    step 25 python bench/engine_bench.py --rows "smollm2-135m:1020:1,256" --variants unfused+pdl \
+    step 20 python bench/engine_bench.py --rows "smollm2-135m:1020:1,256" --variants unfused+pdl \
         --no-baselines --json "$OUT/engine_pdl.json"
-    step 30 python bench/fused_sweep.py --rows "smollm2-135m:2044:1024" --sweep decode \
-        --fused-rows 0 --kv-dtype fp8_e4m3 --budget-s 18 --json "$OUT/sweep_decode_fp8.json"
+    step 25 python bench/fused_sweep.py --rows "smollm2-135m:2044:1024" --sweep decode \
+        --fused-rows 0 --kv-dtype fp8_e4m3 --budget-s 14 --json "$OUT/sweep_decode_fp8.json"
 }
 case "${1:-1}" in
     3) call3 2>&1 | tee "$OUT/log.txt" ;;
