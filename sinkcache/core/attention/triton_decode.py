@@ -23,8 +23,6 @@ import triton.language as tl
 from sinkcache.core.attention.triton_tiles import (
     LOG2E,
     dot_f32,
-    fp8_pv,
-    fp16_operand,
     gdc_enter,
     load_kv_tile,
     pdl_enabled,
@@ -49,10 +47,8 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _attend_tile(
-    q,  # [GROUP_PAD, HEAD_DIM] input dtype (F16: fp16, scaled by 1 / q_mult)
-    q_sink,  # [GROUP_PAD, HEAD_DIM] input dtype (F16: fp16, scaled by 1 / q_sink_mult)
-    q_mult,
-    q_sink_mult,
+    q,  # [GROUP_PAD, HEAD_DIM] input dtype
+    q_sink,  # [GROUP_PAD, HEAD_DIM] input dtype
     k_base,
     v_base,
     k_scale_base,
@@ -71,22 +67,16 @@ def _attend_tile(
     HEAD_DIM: tl.constexpr,
     USE_DOT: tl.constexpr,
     QUANT: tl.constexpr,
-    F16: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """Fold keys [start, start + BLOCK_N) ∩ [0, end) into the running softmax state.
-
-    QUANT: e4m3 codes, their scales applied to scores and probabilities; F16 (QUANT with 16-bit
-    activations): the dots run in fp16 (triton_tiles.fp16_operand), else in the query's dtype."""
+    """Fold keys [start, start + BLOCK_N) ∩ [0, end) into the running softmax state."""
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     in_range = pos < end
     k, v, k_scale, v_scale = load_kv_tile(
         k_base, v_base, k_scale_base, v_scale_base, stride_k_pos, stride_v_pos, pos, in_range,
         HEAD_DIM, QUANT,
     )  # fmt: skip
-    if F16:
-        k = k.to(tl.float16)
-    elif QUANT:
+    if QUANT:  # e4m3 codes; the scales are applied to scores and probabilities
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     if USE_DOT:
@@ -100,11 +90,6 @@ def _attend_tile(
             sink_scores = tl.sum(
                 q_sink[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2
             )
-    if F16:
-        scores = scores * q_mult
-        if SINK_TILE:
-            sink_scores = sink_scores * q_sink_mult
-    if SINK_TILE:
         scores = tl.where((pos < SINK)[None, :], sink_scores, scores)
     if QUANT:
         scores = scores * k_scale[None, :]
@@ -114,13 +99,9 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])  # [GROUP_PAD, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if F16:
-        pv = fp8_pv(p, v, v_scale, INTERPRETER)
-    elif QUANT and USE_DOT:
-        pv = dot_f32((p * v_scale[None, :]).to(v.dtype), v, INTERPRETER)
-    elif QUANT:
-        pv = tl.sum((p * v_scale[None, :])[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-    elif USE_DOT:
+    if QUANT:
+        p = p * v_scale[None, :]
+    if USE_DOT:
         pv = dot_f32(p.to(v.dtype), v, INTERPRETER)
     else:
         pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
@@ -171,7 +152,6 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     QUANT: tl.constexpr,
-    F16: tl.constexpr,
     INTERPRETER: tl.constexpr,
     MAX_TILES: tl.constexpr,
     PDL: tl.constexpr,
@@ -207,9 +187,6 @@ def _decode_split_kernel(
             mask=in_group[:, None],
             other=0.0,
         )  # [GROUP_PAD, HEAD_DIM]
-        q_mult = 1.0
-        if F16:
-            q, q_mult = fp16_operand(q)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -224,20 +201,17 @@ def _decode_split_kernel(
                     mask=in_group[:, None],
                     other=0.0,
                 )  # [GROUP_PAD, HEAD_DIM]
-                q_sink_mult = 1.0
-                if F16:
-                    q_sink, q_sink_mult = fp16_operand(q_sink)
                 for tile in range(SINK_TILES):
                     m_i, l_i, acc = _attend_tile(
-                        q, q_sink, q_mult, q_sink_mult, k_base, v_base, ks_base, vs_base,
-                        stride_k_pos, stride_v_pos, tile * BLOCK_N, n_valid, m_i, l_i, acc,
-                        qk_scale, SINK, True, BLOCK_N, HEAD_DIM, USE_DOT, QUANT, F16, INTERPRETER,
+                        q, q_sink, k_base, v_base, ks_base, vs_base, stride_k_pos, stride_v_pos,
+                        tile * BLOCK_N, n_valid, m_i, l_i, acc, qk_scale,
+                        SINK, True, BLOCK_N, HEAD_DIM, USE_DOT, QUANT, INTERPRETER,
                     )  # fmt: skip
         for tile in range(tile_count(hi - lo, BLOCK_N, INTERPRETER, MAX_TILES)):
             m_i, l_i, acc = _attend_tile(
-                q, q, q_mult, q_mult, k_base, v_base, ks_base, vs_base, stride_k_pos,
-                stride_v_pos, lo + tile * BLOCK_N, hi, m_i, l_i, acc, qk_scale,
-                SINK, False, BLOCK_N, HEAD_DIM, USE_DOT, QUANT, F16, INTERPRETER,
+                q, q, k_base, v_base, ks_base, vs_base, stride_k_pos, stride_v_pos,
+                lo + tile * BLOCK_N, hi, m_i, l_i, acc, qk_scale,
+                SINK, False, BLOCK_N, HEAD_DIM, USE_DOT, QUANT, INTERPRETER,
             )  # fmt: skip
 
         out = acc / l_i[:, None]
@@ -468,7 +442,6 @@ def decode_attention_launch(
         heads, capacity, split_len, num_splits,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SINK=sink, SINK_TILES=sink_tiles,
         BLOCK_N=block_n, SINGLE_SPLIT=single, USE_DOT=use_dot, QUANT=quant,
-        F16=quant and use_dot and dtype in (torch.bfloat16, torch.float16),
         INTERPRETER=interpreter, MAX_TILES=tiles_per_split if interpreter else 0,
         PDL=pdl_enabled(), **pdl_launch(),
         num_warps=num_warps or config["num_warps"],

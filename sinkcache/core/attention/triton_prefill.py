@@ -23,8 +23,6 @@ import triton.language as tl
 from sinkcache.core.attention.triton_tiles import (
     LOG2E,
     dot_f32,
-    fp8_pv,
-    fp16_operand,
     gdc_enter,
     load_kv_tile,
     pdl_enabled,
@@ -39,10 +37,8 @@ _AGE_CAP = tl.constexpr(1 << 30)
 
 @triton.jit
 def _prefill_tile(
-    q,  # [BLOCK_M, HEAD_DIM] input dtype (F16: fp16, scaled by 1 / q_mult)
-    q_sink,  # [BLOCK_M, HEAD_DIM] input dtype (F16: fp16, scaled by 1 / q_sink_mult)
-    q_mult,
-    q_sink_mult,
+    q,  # [BLOCK_M, HEAD_DIM] input dtype
+    q_sink,  # [BLOCK_M, HEAD_DIM] input dtype
     query_age,  # [BLOCK_M] int32
     k_base,
     v_base,
@@ -64,11 +60,9 @@ def _prefill_tile(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     QUANT: tl.constexpr,
-    F16: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
-    """Fold keys [start, start + BLOCK_N) ∩ [0, n_valid) into the running softmax, causally.
-    QUANT / F16: as triton_decode._attend_tile."""
+    """Fold keys [start, start + BLOCK_N) ∩ [0, n_valid) into the running softmax, causally."""
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     in_range = pos < n_valid
     k, v, k_scale, v_scale = load_kv_tile(
@@ -83,20 +77,14 @@ def _prefill_tile(
         HEAD_DIM,
         QUANT,
     )  # fmt: skip  [BLOCK_N, HEAD_DIM] each
-    if F16:
-        k = k.to(tl.float16)
-    elif QUANT:  # e4m3 codes; the scales are applied to scores and probabilities
+    if QUANT:  # e4m3 codes; the scales are applied to scores and probabilities
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     scores = dot_f32(q, tl.trans(k), INTERPRETER)  # [BLOCK_M, BLOCK_N]
-    if F16:
-        scores = scores * q_mult
     ring_age = newest_ring - pos
     key_age = tl.where(ring_age < 0, ring_age + window, ring_age)  # [BLOCK_N]
     if SINK_TILE:
         sink_scores = dot_f32(q_sink, tl.trans(k), INTERPRETER)
-        if F16:
-            sink_scores = sink_scores * q_sink_mult
         is_sink = pos < SINK
         scores = tl.where(is_sink[None, :], sink_scores, scores)
         key_age = tl.where(is_sink, last_capped - pos, key_age)
@@ -110,13 +98,9 @@ def _prefill_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(scores - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if F16:
-        pv = fp8_pv(p, v, v_scale, INTERPRETER)
-    elif QUANT:
-        pv = dot_f32((p * v_scale[None, :]).to(v.dtype), v, INTERPRETER)
-    else:
-        pv = dot_f32(p.to(v.dtype), v, INTERPRETER)
-    acc = acc * alpha[:, None] + pv
+    if QUANT:
+        p = p * v_scale[None, :]
+    acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, INTERPRETER)
     return m_new, l_i, acc
 
 
@@ -159,7 +143,6 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr,
-    F16: tl.constexpr,
     INTERPRETER: tl.constexpr,
     MAX_TILES: tl.constexpr,
     PDL: tl.constexpr,
@@ -201,9 +184,6 @@ def _prefill_kernel(
             other=0.0,
         )  # [BLOCK_M, HEAD_DIM]
         query_age = length - 1 - query  # [BLOCK_M]
-        q_mult = 1.0
-        if F16:
-            q, q_mult = fp16_operand(q)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -217,23 +197,20 @@ def _prefill_kernel(
                 mask=row_ok[:, None],
                 other=0.0,
             )  # [BLOCK_M, HEAD_DIM]
-            q_sink_mult = 1.0
-            if F16:
-                q_sink, q_sink_mult = fp16_operand(q_sink)
             for tile in range(SINK_TILES):
                 m_i, l_i, acc = _prefill_tile(
-                    q, q_sink, q_mult, q_sink_mult, query_age, k_base, v_base, ks_base, vs_base,
+                    q, q_sink, query_age, k_base, v_base, ks_base, vs_base,
                     stride_k_pos, stride_v_pos,
                     tile * BLOCK_N, n_valid, newest_ring, last_capped, window,
                     m_i, l_i, acc, qk_scale,
-                    SINK, True, BLOCK_N, HEAD_DIM, QUANT, F16, INTERPRETER,
+                    SINK, True, BLOCK_N, HEAD_DIM, QUANT, INTERPRETER,
                 )  # fmt: skip
         for tile in range(tile_count(n_valid - sink_end, BLOCK_N, INTERPRETER, MAX_TILES)):
             m_i, l_i, acc = _prefill_tile(
-                q, q, q_mult, q_mult, query_age, k_base, v_base, ks_base, vs_base, stride_k_pos,
-                stride_v_pos, sink_end + tile * BLOCK_N, n_valid, newest_ring, last_capped,
-                window, m_i, l_i, acc, qk_scale,
-                SINK, False, BLOCK_N, HEAD_DIM, QUANT, F16, INTERPRETER,
+                q, q, query_age, k_base, v_base, ks_base, vs_base, stride_k_pos, stride_v_pos,
+                sink_end + tile * BLOCK_N, n_valid, newest_ring, last_capped, window,
+                m_i, l_i, acc, qk_scale,
+                SINK, False, BLOCK_N, HEAD_DIM, QUANT, INTERPRETER,
             )  # fmt: skip
 
         # Every real query sees at least its own key; l_i == 0 only on padding rows.
@@ -328,7 +305,6 @@ def prefill_attention_launch(
         capacity, window,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SINK=sink, SINK_TILES=sink_tiles,
         BLOCK_Q=block_q, BLOCK_N=block_n, QUANT=quant,
-        F16=quant and q.dtype in (torch.bfloat16, torch.float16),
         INTERPRETER=interpreter, MAX_TILES=recent_tiles if interpreter else 0,
         PDL=pdl_enabled(), **pdl_launch(),
         num_warps=num_warps or config["num_warps"],

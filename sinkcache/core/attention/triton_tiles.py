@@ -122,27 +122,6 @@ def load_kv_tile(
 
 
 @triton.jit
-def fp16_operand(x):
-    """x [M, D] (16-bit activations) -> (x / max|x| in fp16, max|x|): the query operand of a dot
-    against e4m3 tiles, which Hopper widens to fp16 in one instruction (to bf16 it takes several
-    per element, and the decode kernel became ALU-bound on them). Scaled into [-1, 1], fp16 keeps
-    11 significant bits (bf16: 8) and cannot overflow; the caller multiplies the scores back."""
-    x32 = x.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(x32), axis=1), axis=0), 1e-30)
-    return (x32 * (1.0 / amax)).to(tl.float16), amax
-
-
-@triton.jit
-def fp8_pv(p, v, v_scale, INTERPRETER: tl.constexpr):
-    """sum_j p_j s_j v_j for e4m3 value codes v [N, D] with scales s [N] and probabilities
-    p [M, N] (float32): the scales ride on p, normalised by their tile maximum so the fp16
-    operand stays in [0, 1]; that maximum multiplies the product back."""
-    s_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
-    weights = (p * (v_scale * (1.0 / s_max))[None, :]).to(tl.float16)
-    return dot_f32(weights, v.to(tl.float16), INTERPRETER) * s_max
-
-
-@triton.jit
 def _fp8e4m3_rne(x):
     """float32 (|x| <= 448) -> float8_e4m3fn, round to nearest even, as cvt.rn.satfinite does."""
     bits = x.to(tl.uint32, bitcast=True)
