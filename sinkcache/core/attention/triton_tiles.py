@@ -36,7 +36,8 @@ _FP8_MIN_SCALE_AMAX = tl.constexpr(FP8_MIN_SCALE_AMAX)
 # Programmatic dependent launch (Hopper): a kernel launched with it may start while the kernel
 # before it in the stream finishes; it waits (griddepcontrol.wait) before touching anything that
 # kernel wrote, so only its launch latency overlaps. Off unless SINKSERVE_PDL=1 / set_pdl(True):
-# bench/profile_step.py measures both.
+# on the H200 it gained 1-6% on the whole-layer kernels and nothing on the default path
+# (bench/engine_bench.py --variants ...+pdl; docs/BENCHMARKS.md, section 7).
 _pdl = os.environ.get("SINKSERVE_PDL", "0") == "1"
 
 
