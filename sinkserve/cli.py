@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EVAL_SETTINGS = (
-    "model", "sink", "window", "dtype", "device", "cuda_graphs", "attention", "prefill_budget",
+    "model", "sink", "window", "dtype", "kv_dtype", "device", "cuda_graphs", "attention",
+    "prefill_budget",
 )  # fmt: skip
 EVAL_WINDOW = 252  # the window of the paper-style evaluation (docs/BENCHMARKS.md, quality)
 # Settings the serve command does not take as flags: secrets belong in a config file or a
