@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -296,7 +298,11 @@ class GatewayService:
             return None
 
         answers = await asyncio.gather(*(one(b) for b in list(self.backends.values())))
-        response = pb.StatsResponse(gateway_rss_bytes=psutil.Process().memory_info().rss)
+        response = pb.StatsResponse(
+            gateway_rss_bytes=psutil.Process().memory_info().rss,
+            gateway_hostname=socket.gethostname(),
+            gateway_pid=os.getpid(),
+        )
         for answer in answers:
             if answer is None:
                 continue

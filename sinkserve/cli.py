@@ -421,9 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGKILL a replica process on this host every S seconds (after the ramp)",
     )  # fmt: skip
     lt.add_argument(
-        "--chaos-target", choices=("replica", "engine", "alternate"), default="replica",
-        help="what --chaos-kill-every kills: a replica's process, its engine process, or each "
-        "in turn",
+        "--chaos-target", choices=("replica", "engine", "alternate", "gateway"),
+        default="replica",
+        help="what --chaos-kill-every kills: a replica's process, its engine process, each in "
+        "turn, or a gateway",
     )  # fmt: skip
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")

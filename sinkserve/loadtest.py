@@ -98,7 +98,8 @@ class LoadConfig:
     # so a stalled server shows up as errors instead of a load test that never ends.
     stall_timeout_s: float = 60.0
     # Every this many seconds (after the ramp), SIGKILL one replica process on this host (or its
-    # engine process, chaos_target="engine"; or one then the other, "alternate"); None: no chaos.
+    # engine process, chaos_target="engine"; one then the other, "alternate"; or the gateway that
+    # answers, "gateway"); None: no chaos.
     chaos_kill_every_s: float | None = None
     chaos_target: str = "replica"
 
@@ -290,14 +291,20 @@ async def _chaos(
                 reply = await stub.Stats(pb.StatsRequest(), timeout=5.0)
             except grpc.aio.AioRpcError:
                 continue
-            local = [r for r in reply.replicas if r.hostname == host and r.pid]
-            if not local:
-                continue
-            victim = rng.choice(local)
             target = config.chaos_target
             if target == "alternate":  # a replica's process, then an engine process, and so on
                 target = ("replica", "engine")[len(stats.kills) % 2]
-            pid = victim.engine_pid if target == "engine" else victim.pid
+            if target == "gateway":  # the one that answered: its clients must reconnect
+                if reply.gateway_hostname != host or not reply.gateway_pid:
+                    continue
+                victim_id, pid = f"gateway-{reply.gateway_pid}", reply.gateway_pid
+            else:
+                local = [r for r in reply.replicas if r.hostname == host and r.pid]
+                if not local:
+                    continue
+                victim = rng.choice(local)
+                victim_id = victim.replica_id
+                pid = victim.engine_pid if target == "engine" else victim.pid
             if not pid:
                 continue
             try:
@@ -307,7 +314,7 @@ async def _chaos(
             stats.kills.append(
                 {
                     "t": time.monotonic() - stats.started,
-                    "replica_id": victim.replica_id,
+                    "victim": victim_id,
                     "target": target,
                     "pid": pid,
                 }
