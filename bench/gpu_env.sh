@@ -14,22 +14,26 @@ _gpu_env() {
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
     site="${SINKSERVE_SITE:-/tmp/site}"
     if ! compgen -G "$repo/.whl/*.whl" >/dev/null; then
-        echo "gpu_env: no wheels in $repo/.whl: run 'python bench/gpu_bundle.py' on the dev machine and carry .whl" >&2
-        return 1
-    fi
-    # Ray's big binaries are LZMA members (gpu_bundle.py); pip unpacks them through zipfile.
-    if ! python3 -c 'import lzma' 2>/dev/null; then
-        echo "gpu_env: this python3 has no lzma module: rebuild the bundle with 'python bench/gpu_bundle.py --ray-deflate'" >&2
-        return 1
-    fi
-    stamp="$(cd "$repo/.whl" && stat -c '%n %s %Y' -- *.whl | md5sum)"
-    if [ "$(cat "$site/.bundle-stamp" 2>/dev/null)" != "$stamp" ]; then
-        PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install -q --no-index --no-deps --no-compile \
-            --no-cache-dir --upgrade --target "$site" "$repo"/.whl/*.whl || {
-            echo "gpu_env: installing the bundle into $site failed" >&2
+        # A later call on a machine still warm from one that installed the bundle needs no wheels.
+        if [ ! -f "$site/.bundle-stamp" ]; then
+            echo "gpu_env: no wheels in $repo/.whl: run 'python bench/gpu_bundle.py' on the dev machine and carry .whl" >&2
             return 1
-        }
-        echo "$stamp" >"$site/.bundle-stamp"
+        fi
+    else
+        # Ray's big binaries are LZMA members (gpu_bundle.py); pip unpacks them through zipfile.
+        if ! python3 -c 'import lzma' 2>/dev/null; then
+            echo "gpu_env: this python3 has no lzma module: rebuild the bundle with 'python bench/gpu_bundle.py --ray-deflate'" >&2
+            return 1
+        fi
+        stamp="$(cd "$repo/.whl" && stat -c '%n %s %Y' -- *.whl | md5sum)"
+        if [ "$(cat "$site/.bundle-stamp" 2>/dev/null)" != "$stamp" ]; then
+            PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install -q --no-index --no-deps --no-compile \
+                --no-cache-dir --upgrade --target "$site" "$repo"/.whl/*.whl || {
+                echo "gpu_env: installing the bundle into $site failed" >&2
+                return 1
+            }
+            echo "$stamp" >"$site/.bundle-stamp"
+        fi
     fi
 
     export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
