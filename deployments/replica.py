@@ -86,7 +86,9 @@ class SessionReplica:
             task.cancel()
         if hasattr(self, "server"):
             await self.health.enter_graceful_shutdown()
+            # Bounded: when the whole app is deleted the directory may be gone already, and a
+            # call to a deployment without replicas waits until Serve force-kills this one.
             with contextlib.suppress(Exception):
-                await self.directory.leave.remote(self.replica_id)
+                await asyncio.wait_for(self.directory.leave.remote(self.replica_id), 2.0)
             await self.server.stop(grace=5)
             await self.engine.shutdown()

@@ -1,0 +1,284 @@
+"""`sinkserve serve` after its preflight: start (or join) Ray, deploy, watch the start, print
+`ready`, serve until a signal, stop.
+
+The start is watched rather than waited on, so that it ends with one line whatever goes wrong:
+- a replica whose constructor fails: its own reason, at the first failure (Serve would retry three
+  times and then say only "Failed to update the deployments");
+- the local Ray cluster dying (raylet or GCS gone): at once, instead of calls that hang;
+- Ctrl-C or SIGTERM at any point: the start stops and what was started is taken down; a second
+  signal stops without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from deployments.settings import AppSettings
+
+READY_TIMEOUT_S = 900.0  # a first start on a slow machine compiles and loads for minutes
+POLL_S = 0.5
+EXIT_INTERRUPTED = 130
+
+
+class StartFailed(RuntimeError):
+    """The service could not start; the message is one line."""
+
+
+def run_service(settings: AppSettings, address: str | None, verbose: bool) -> int:
+    """Start the service and serve until a signal; an exit code."""
+    import ray
+
+    local = address is None
+    _quiet_ray(verbose)
+    signals = _Signals()
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            namespace="sinkserve",
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            **(_local_cluster_options(settings) if local else {}),
+        )
+    except KeyboardInterrupt:
+        _error("interrupted while Ray was starting")
+        _force_stop_local_ray()
+        return EXIT_INTERRUPTED
+    except Exception as error:  # Ray could not start or could not be reached
+        _error(f"Ray did not start: {_last_line(str(error))}")
+        _force_stop_local_ray()
+        return 1
+    watchdog = _LocalRayWatchdog() if local else None
+    signals.install()  # after ray.init, which installs a SIGTERM handler of its own
+    started = False
+    try:
+        _deploy(settings)
+        started = True
+        client_address = wait_until_ready(settings)
+        signals.ready = True
+        print(f"ready {client_address} ({_ready_details(settings, local)})", flush=True)
+        signals.stop.wait()
+        print("shutting down", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: stopping (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except StartFailed as error:
+        _error(str(error) + ("" if verbose else " (-v shows Ray's and the replicas' logs)"))
+        return 1
+    finally:
+        if watchdog is not None:
+            watchdog.stopping = True
+        _stop(settings, local, started)
+
+
+def _local_cluster_options(settings: AppSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": max(4, os.cpu_count() or 1)}
+    if settings.metrics_export_port:
+        options["_metrics_export_port"] = settings.metrics_export_port
+    return options
+
+
+def _deploy(settings: AppSettings) -> None:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.start(proxy_location="Disabled")
+    # Not blocking: wait_until_ready watches the start and can name a replica's failure.
+    serve._run(build_app(settings), name=settings.application, route_prefix=None, _blocking=False)
+
+
+def wait_until_ready(
+    settings: AppSettings,
+    timeout_s: float = READY_TIMEOUT_S,
+    status: Callable[[], Any] | None = None,
+) -> str:
+    """Poll until the gateway serves with every replica behind it; the client address.
+
+    Raises StartFailed with a replica's own reason as soon as Serve reports a failed start.
+    Serve's other notes (e.g. replicas waiting for resources) are printed once each.
+    """
+    from ray import serve
+
+    from sinkserve.health import is_serving, replica_count
+
+    status = status or serve.status
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+    client_address = f"{host}:{settings.port}"
+    noted: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = status().applications.get(settings.application)
+        if app is not None:
+            failure = startup_failure(app)
+            if failure:
+                raise StartFailed(failure)
+            for name, deployment in app.deployments.items():
+                note = deployment.message.strip()
+                if note and note not in noted:
+                    noted.add(note)
+                    print(f"sinkserve: note: {name}: {_one_line(note)}", file=sys.stderr)
+        if is_serving(client_address, timeout_s=1.0) and (
+            replica_count(client_address, timeout_s=1.0) >= settings.replicas
+        ):
+            return client_address
+        time.sleep(POLL_S)
+    raise StartFailed(f"not serving {settings.replicas} replica(s) within {timeout_s:.0f} s")
+
+
+def startup_failure(app: Any) -> str | None:
+    """One line if Serve reports that the app or one of its deployments failed to start."""
+    if str(app.status).endswith("DEPLOY_FAILED") and not app.deployments:
+        return f"the application did not deploy: {_last_line(app.message)}"
+    for name, deployment in app.deployments.items():
+        message = deployment.message or ""
+        failed = str(deployment.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")) or (
+            "failed to start" in message or "Traceback" in message
+        )
+        if failed and message.strip():
+            return f"{name} did not start: {_last_line(message)}"
+        if failed:
+            return f"{name} did not start ({deployment.status})"
+    return None
+
+
+_EXCEPTION_PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
+
+
+def _last_line(message: str) -> str:
+    """A traceback's last line without its exception class (the reason itself)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    return _EXCEPTION_PREFIX.sub("", lines[-1], count=1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _ready_details(settings: AppSettings, local: bool) -> str:
+    details = f"model {settings.engine.model}, {settings.replicas} replica(s)"
+    port = _metrics_port() if local else None
+    if port:
+        details += f", metrics http://localhost:{port}/metrics"
+    return details
+
+
+def _metrics_port() -> int | None:
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return getattr(node, "metrics_export_port", None) if node is not None else None
+
+
+def _stop(settings: AppSettings, local: bool, deployed: bool) -> None:
+    """Take the application down (its replicas drain), then the local cluster if it is ours.
+    Deleting the app rather than shutting Serve down leaves a joined cluster's other apps alone
+    and avoids the controller's killed-while-stopping error on a local one."""
+    import ray
+    from ray import serve
+
+    try:
+        if deployed:
+            serve.delete(settings.application)
+    except Exception as error:  # Ray is going away anyway; say why, then stop it
+        _error(f"stopping the application: {_last_line(str(error))}")
+    finally:
+        ray.shutdown()
+
+
+class _Signals:
+    """SIGINT/SIGTERM: during the start, the first one interrupts it (KeyboardInterrupt); once
+    ready, it asks for a clean stop. A second one stops at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.ready = False
+        self._count = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self._count += 1
+        if self._count > 1:
+            _error("stopped without waiting")
+            _force_stop_local_ray()
+            os._exit(EXIT_INTERRUPTED)
+        if self.ready:
+            self.stop.set()
+        else:
+            raise KeyboardInterrupt
+
+
+class _LocalRayWatchdog:
+    """Ends the command when the local Ray cluster dies under it (its raylet or GCS exits), with
+    one line: calls into a dead cluster would otherwise hang for minutes."""
+
+    CRITICAL = ("raylet", "gcs_server")
+
+    def __init__(self) -> None:
+        import ray
+
+        self.node = ray._private.worker._global_node
+        self.stopping = False
+        threading.Thread(target=self._watch, name="sinkserve-ray-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            for kind, process in self.node.dead_processes():
+                if kind in self.CRITICAL and not self.stopping:
+                    _error(
+                        f"the local Ray cluster stopped: its {kind} exited "
+                        f"({_exit_status(process.returncode)}); logs in "
+                        f"{self.node.get_logs_dir_path()}"
+                    )
+                    _force_stop_local_ray()
+                    os._exit(1)
+            time.sleep(POLL_S)
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _force_stop_local_ray() -> None:
+    """Kill the processes of the local cluster this process started, without asking Ray."""
+    try:
+        import ray
+
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None and node.head:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    except Exception:  # best effort on the way out
+        pass
+
+
+def _quiet_ray(verbose: bool) -> None:
+    """Ray's notes that say nothing to a user of this command: the token-authentication notice
+    of a local cluster, Serve's "Started Serve" and "Connecting to existing Serve app"."""
+    if verbose:
+        return
+    import ray.serve  # noqa: F401  (configures Serve's logger when first imported)
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def _error(message: str) -> None:
+    print(f"sinkserve: error: {message}", file=sys.stderr, flush=True)
