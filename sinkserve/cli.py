@@ -67,21 +67,40 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _eval_ppl(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     from sinkcache.config import EngineConfig
-    from sinkcache.host.builder import resolve_device, resolve_dtype
-    from sinkcache.models.loader import load_model
-    from sinkcache.tools.eval_ppl import MODES, evaluate, plot, write_json, write_nll
+    from sinkcache.models.spec import check_model_spec
+    from sinkcache.tools.eval_ppl import MODES
 
     modes = list(MODES) if args.mode == "all" else args.mode.split(",")
     for mode in modes:
         if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or all")
+            _fail(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or all")
+    if args.tokens < 2:
+        _fail(f"--tokens must be >= 2, got {args.tokens}")
     base = EngineConfig(**{"window": EVAL_WINDOW, **_given_settings(args)})
     _check(base.validate)
+    _check(lambda: check_model_spec(base.model))
+
+    from sinkcache.host.builder import resolve_device, resolve_dtype
+    from sinkcache.models.loader import load_model
+    from sinkcache.tools.eval_ppl import evaluate, plot, write_json, write_nll
+
     device = resolve_device(base)
     console = Console(stderr=True)
+    if base.model == "default":
+        from sinkserve.preflight import fetch_default_model
+
+        fetch_default_model()
     with console.status(f"loading {base.model}"):
         loaded = load_model(base.model, resolve_dtype(base, device), device)
     if loaded.tokenizer is None:
@@ -96,8 +115,20 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     if len(ids) < args.tokens:
         console.print(f"[yellow]the text has only {len(ids)} tokens[/]")
     results = []
+    estimates = _eval_estimates(console, loaded, ids, modes, base, args)
     for mode in modes:
-        with console.status(f"{mode}: streaming {len(ids)} tokens (chunk {args.chunk})"):
+        with Progress(
+            TextColumn(f"{mode} (about {_duration(estimates[mode])})"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tokens"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(mode, total=max(1, len(ids) - 1))
             result = evaluate(
                 loaded,
                 ids,
@@ -108,8 +139,11 @@ def _eval_ppl(args: argparse.Namespace) -> int:
                 text_name,
                 base,
                 recompute_slots=args.recompute_slots,
+                progress=lambda done, total, task=task: bar.update(
+                    task, completed=done, total=total
+                ),
             )
-        console.print(f"{mode}: ppl {result.ppl:.3f} ({result.seconds:.0f} s)")
+        console.print(f"{mode}: ppl {result.ppl:.3f} ({_duration(result.seconds)})")
         results.append(result)
     table = Table(title=f"{base.model}, cache {base.sink}+{base.window}, {len(ids)} tokens")
     for column in ("mode", "ppl", *[f"ppl after {k}" for k in results[0].ppl_after], "seconds"):
@@ -126,6 +160,36 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results, Path(args.plot), loaded.shape.max_position_embeddings)
     return 0
+
+
+def _eval_estimates(console, loaded, ids, modes, base, args) -> dict[str, float]:
+    """Each mode's expected run time, from a few seconds of each on this machine, said first."""
+    from sinkcache.tools.eval_ppl import estimate_seconds
+
+    estimates = {}
+    with console.status("timing each mode on a short sample"):
+        for mode in modes:
+            estimates[mode] = estimate_seconds(
+                loaded, ids, mode, base.sink, base.window, args.chunk, base,
+                recompute_slots=args.recompute_slots,
+            )  # fmt: skip
+    plan = ", ".join(
+        f"{mode} ~{_duration(seconds)}{'+' if mode == 'dense' else ''}"
+        for mode, seconds in estimates.items()
+    )
+    console.print(
+        f"{len(ids):,} tokens: {plan} (total ~{_duration(sum(estimates.values()))})",
+        highlight=False,
+    )
+    return estimates
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _serve(args: argparse.Namespace) -> int:
