@@ -328,7 +328,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     rows = [
         ("sessions opened", data["sessions_opened"]),
         ("sessions lost", data["sessions_lost"]),
-        ("errors", data["errors"] or 0),
+        ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or 0),
         ("turns", data["turns"]),
         ("tokens/s (steady)", f"{data['tokens_per_s']:.0f}"),
         *[
@@ -353,6 +353,8 @@ def _loadtest(args: argparse.Namespace) -> int:
     for name, value in rows:
         table.add_row(name, str(value))
     Console().print(table)
+    for code, details in sorted(data["error_details"].items()):
+        console.print(f"first {code}: {details}", highlight=False)
     if args.json:
         write_json(data, Path(args.json))
     if args.plot:
