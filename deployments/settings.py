@@ -10,6 +10,7 @@ coerces strings, and refuses unknown keys.
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import types
 import typing
@@ -50,7 +51,11 @@ class AppSettings:
     session_ttl_s: float = setting(3600.0, "seconds a session with no stream attached lives")
     resume_secret: str = field(
         default_factory=lambda: secrets.token_hex(32),
-        metadata={"help": "HMAC key of resume tokens, shared by all replicas (default: random)"},
+        metadata={
+            "help": "HMAC key of resume tokens, shared by all replicas (default: "
+            "$SINKSERVE_RESUME_SECRET, e.g. from a Kubernetes Secret, else random)",
+            "env": "SINKSERVE_RESUME_SECRET",
+        },
     )
     application: str = setting("sinkserve", "the Serve application's name")
 
@@ -64,6 +69,12 @@ class AppSettings:
         if unknown:
             known = ", ".join(name for name, _ in setting_fields())
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
+        for name, f in app_fields.items():
+            # Secrets may come from the environment (a Kubernetes Secret mapped into every pod's
+            # env) instead of args, which KubeRay keeps in the RayService object in plain text.
+            env_name = f.metadata.get("env")
+            if name not in args and env_name and os.environ.get(env_name):
+                args[name] = os.environ[env_name]
         engine = {k: _coerce(engine_fields[k], v) for k, v in args.items() if k in engine_fields}
         app = {k: _coerce(app_fields[k], v) for k, v in args.items() if k in app_fields}
         return cls(engine=EngineConfig(**engine), **app)
