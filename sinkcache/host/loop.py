@@ -10,11 +10,13 @@ message, not per token). Only the loop's thread touches the core.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import threading
 import time
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 from sinkcache.core.engine import EngineCore
 from sinkcache.core.session import Session
 from sinkcache.errors import EngineError, EngineStoppedError, SessionNotFoundError
+from sinkcache.events import SessionSnapshot
 from sinkcache.host.commands import (
     CancelReply,
     CloseSession,
@@ -30,10 +33,13 @@ from sinkcache.host.commands import (
     GetHeldTokens,
     GetSessionInfo,
     GetStats,
+    OffloadSession,
     OpenSession,
     Reply,
+    RestoreSession,
     Submit,
     TakeStepSeconds,
+    WatchSnapshots,
 )
 from sinkcache.host.protocol import EngineStats, SessionInfo
 
@@ -46,7 +52,7 @@ class EngineLoop:
     def __init__(
         self,
         core: EngineCore,
-        deliver: Callable[[set[Any]], None],
+        deliver: Callable[[set[Any], list[SessionSnapshot]], None],
         flush_interval: float = 0.005,
         max_events_per_s: float = 5000.0,
     ) -> None:
@@ -98,8 +104,9 @@ class EngineLoop:
     def _flush(self, now: float) -> None:
         self._last_flush = now
         sinks = self.core.take_dirty()
-        if sinks:
-            self.deliver(sinks)
+        snapshots = self.core.take_snapshots()
+        if sinks or snapshots:
+            self.deliver(sinks, snapshots)
 
 
 class Outbox:
@@ -208,6 +215,16 @@ class LoopCommands:
                 return core.close(session_id)
             case GetHeldTokens(session_id):
                 return core.held_tokens(session_id)
+            case RestoreSession(session_id, tokens, stream_pos, open_reply):
+                ids = array("i")
+                ids.frombytes(tokens)
+                session = core.restore_session(session_id, ids.tolist(), stream_pos, open_reply)
+                # Where the stream stands once the rebuild (queued now) has run.
+                return dataclasses.replace(session_info(core, session), stream_pos=stream_pos)
+            case OffloadSession(session_id):
+                return core.offload_session(session_id)
+            case WatchSnapshots():
+                return core.watch_snapshots()
             case GetStats():
                 return engine_stats(core, self._engine_rss_bytes())
             case TakeStepSeconds():
