@@ -58,10 +58,8 @@ def run_service(settings: AppSettings, address: str | None, verbose: bool) -> in
         return 1
     watchdog = _LocalRayWatchdog() if local else None
     signals.install()  # after ray.init, which installs a SIGTERM handler of its own
-    started = False
     try:
         _deploy(settings)
-        started = True
         client_address = wait_until_ready(settings)
         signals.ready = True
         print(f"ready {client_address} ({_ready_details(settings, local)})", flush=True)
@@ -77,7 +75,7 @@ def run_service(settings: AppSettings, address: str | None, verbose: bool) -> in
     finally:
         if watchdog is not None:
             watchdog.stopping = True
-        _stop(settings, local, started)
+        _stop(settings, local, graceful=signals.ready)
 
 
 def _local_cluster_options(settings: AppSettings) -> dict[str, Any]:
@@ -181,15 +179,17 @@ def _metrics_port() -> int | None:
     return getattr(node, "metrics_export_port", None) if node is not None else None
 
 
-def _stop(settings: AppSettings, local: bool, deployed: bool) -> None:
+def _stop(settings: AppSettings, local: bool, graceful: bool) -> None:
     """Take the application down (its replicas drain), then the local cluster if it is ours.
+
     Deleting the app rather than shutting Serve down leaves a joined cluster's other apps alone
-    and avoids the controller's killed-while-stopping error on a local one."""
+    and avoids the controller's killed-while-stopping error on a local one. A local start that
+    did not get to `ready` is not drained: stopping the cluster ends it at once."""
     import ray
     from ray import serve
 
     try:
-        if deployed:
+        if graceful or not local:
             serve.delete(settings.application)
     except Exception as error:  # Ray is going away anyway; say why, then stop it
         _error(f"stopping the application: {_last_line(str(error))}")
