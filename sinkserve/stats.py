@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from rich import box
 from rich.table import Table
 
 from sinkwire.v1 import streaming_llm_pb2 as pb
@@ -16,35 +17,31 @@ def fetch_stats(target: str, timeout_s: float = 5.0) -> pb.StatsResponse:
 
 
 def stats_table(stats: pb.StatsResponse, target: str) -> Table:
+    replicas = sorted(stats.replicas, key=lambda r: r.replica_id)
+    models = ", ".join(sorted({f"{r.model} on {r.device}" for r in replicas})) or "no replica"
     table = Table(
-        title=f"sinkserve at {target}: {stats.sessions} sessions, "
-        f"{stats.slots_used}/{stats.slots_total} slots used, gateway RSS "
-        f"{_mib(stats.gateway_rss_bytes)}",
+        title=f"sinkserve at {target}: {stats.sessions} sessions, {stats.slots_used}/"
+        f"{stats.slots_total} slots used, {models}; gateway RSS {_mib(stats.gateway_rss_bytes)}",
         title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
     )
-    columns = (
-        "replica", "model", "device", "sessions", "slots used", "slots free", "generated",
-        "decoded", "prefilled", "steps", "step p50 ms", "KV arena", "RSS",
-    )  # fmt: skip
+    table.add_column("replica", no_wrap=True)
+    columns = ("sessions", "slots", "generated", "prefilled", "step ms", "KV MiB", "RSS MiB")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("replica", "model") else "right")
-    for r in sorted(stats.replicas, key=lambda r: r.replica_id):
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
+    for r in replicas:
         table.add_row(
             r.replica_id,
-            r.model,
-            r.device,
             str(r.sessions),
-            str(r.slots_used),
-            str(r.slots_free),
+            f"{r.slots_used}/{r.slots_total}",
             f"{r.generated_tokens:,}",
-            f"{r.decode_tokens:,}",
             f"{r.prefill_tokens:,}",
-            f"{r.steps:,}",
             f"{r.step_ms_p50:.1f}",
-            _mib(r.kv_bytes),
-            _mib(r.process_rss_bytes),
+            f"{r.kv_bytes / 2**20:,.0f}",
+            f"{r.process_rss_bytes / 2**20:,.0f}",
         )
-    if not stats.replicas:
+    if not replicas:
         table.caption = "no replica reachable from this gateway"
     return table
 

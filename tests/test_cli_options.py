@@ -124,3 +124,35 @@ def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert "cannot read the config file" in line and "No such file" in line
+
+
+def test_stats_table_fits_a_terminal() -> None:
+    from rich.console import Console
+
+    from sinkserve.stats import stats_table
+    from sinkwire.v1 import streaming_llm_pb2 as pb
+
+    replica = pb.ReplicaStats(
+        replica_id="2tq8xj0b", sessions=2, slots_total=1100, slots_used=1000, model="tiny",
+        device="cpu", generated_tokens=12_345_678, step_ms_p50=12.3, kv_bytes=300 << 20,
+    )  # fmt: skip
+    stats = pb.StatsResponse(sessions=2, slots_total=1100, slots_used=1000, replicas=[replica])
+    console = Console(width=80, record=True)
+    console.print(stats_table(stats, "localhost:50051"))
+    text = console.export_text()
+    for cell in ("2tq8xj0b", "1000/1100", "12,345,678", "12.3", "300", "tiny on cpu"):
+        assert cell in text
+
+
+def test_stats_against_nothing_is_one_line() -> None:
+    port = _free_port()
+    done = _sinkserve("stats", "--target", f"127.0.0.1:{port}", "--timeout", "2")
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"sinkserve: error: 127.0.0.1:{port} did not answer: UNAVAILABLE")
+
+
+def _free_port() -> int:
+    from tests.service import free_port
+
+    return free_port()
