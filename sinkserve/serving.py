@@ -11,6 +11,7 @@ The start is watched rather than waited on, so that it ends with one line whatev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -39,6 +40,9 @@ def run_service(settings: AppSettings, address: str | None, verbose: bool) -> in
     local = address is None
     _quiet_ray(verbose)
     signals = _Signals()
+    # Watching from before ray.init: the cluster can die while ray.init waits for it.
+    watchdog = _LocalRayWatchdog() if local else None
+    signals.watchdog = watchdog
     try:
         ray.init(
             address=address,
@@ -49,14 +53,17 @@ def run_service(settings: AppSettings, address: str | None, verbose: bool) -> in
             **(_local_cluster_options(settings) if local else {}),
         )
     except KeyboardInterrupt:
+        if watchdog is not None:
+            watchdog.stopping = True
         _error("interrupted while Ray was starting")
         _force_stop_local_ray()
         return EXIT_INTERRUPTED
     except Exception as error:  # Ray could not start or could not be reached
+        if watchdog is not None:
+            watchdog.stopping = True
         _error(f"Ray did not start: {_last_line(str(error))}")
         _force_stop_local_ray()
         return 1
-    watchdog = _LocalRayWatchdog() if local else None
     signals.install()  # after ray.init, which installs a SIGTERM handler of its own
     try:
         _deploy(settings)
@@ -204,6 +211,7 @@ class _Signals:
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.ready = False
+        self.watchdog: _LocalRayWatchdog | None = None
         self._count = 0
 
     def install(self) -> None:
@@ -213,6 +221,8 @@ class _Signals:
     def _handle(self, signum: int, _frame: Any) -> None:
         self._count += 1
         if self._count > 1:
+            if self.watchdog is not None:
+                self.watchdog.stopping = True
             _error("stopped without waiting")
             _force_stop_local_ray()
             os._exit(EXIT_INTERRUPTED)
@@ -223,61 +233,95 @@ class _Signals:
 
 
 class _LocalRayWatchdog:
-    """Ends the command when the local Ray cluster dies under it (its raylet or GCS exits), with
-    one line: calls into a dead cluster would otherwise hang for minutes."""
+    """Ends the command when the local Ray cluster dies under it (its raylet or GCS, children of
+    this process, exit), with one line: calls into a dead cluster would otherwise hang for
+    minutes. It watches the processes themselves, so it works while ray.init still waits."""
 
     CRITICAL = ("raylet", "gcs_server")
 
     def __init__(self) -> None:
-        import ray
+        import psutil
 
-        self.node = ray._private.worker._global_node
+        self._me = psutil.Process()
+        self._watched: dict[int, tuple[str, Any]] = {}
         self.stopping = False
         threading.Thread(target=self._watch, name="sinkserve-ray-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
+        import psutil
+
         while not self.stopping:
-            for kind, process in self.node.dead_processes():
-                if kind in self.CRITICAL and not self.stopping:
-                    _error(
-                        f"the local Ray cluster stopped: its {kind} exited "
-                        f"({_exit_status(process.returncode)}); logs in "
-                        f"{self.node.get_logs_dir_path()}"
-                    )
+            with contextlib.suppress(psutil.Error):
+                for child in self._me.children():
+                    if child.pid not in self._watched:
+                        with contextlib.suppress(psutil.Error):
+                            if child.name() in self.CRITICAL:
+                                self._watched[child.pid] = (child.name(), child)
+            for pid, (name, process) in list(self._watched.items()):
+                try:
+                    dead = process.status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    dead = True
+                if dead and not self.stopping:
+                    _error(f"the local Ray cluster stopped: its {name} exited ({_reap(pid)})")
                     _force_stop_local_ray()
                     os._exit(1)
             time.sleep(POLL_S)
 
 
-def _exit_status(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
+def _reap(pid: int) -> str:
+    """How a dead child ended (reaping it, unless Ray already has)."""
+    try:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # Ray reaped it first
+        return "see Ray's logs"
+    if reaped == 0:
+        return "see Ray's logs"
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def _force_stop_local_ray() -> None:
-    """Kill the processes of the local cluster this process started, without asking Ray."""
-    try:
+    """Kill the local cluster this process started: Ray's own record of it when there is one,
+    and every process this one started (ray.init may not have recorded them yet)."""
+    with contextlib.suppress(Exception):
         import ray
 
         node = getattr(ray._private.worker, "_global_node", None)
         if node is not None and node.head:
             node.kill_all_processes(check_alive=False, allow_graceful=False)
-    except Exception:  # best effort on the way out
-        pass
+    with contextlib.suppress(Exception):
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
 
 def _quiet_ray(verbose: bool) -> None:
     """Ray's notes that say nothing to a user of this command: the token-authentication notice
-    of a local cluster, Serve's "Started Serve" and "Connecting to existing Serve app"."""
+    of a local cluster, Serve's "Started Serve" and "Connecting to existing Serve app", and the
+    raylet's 25-line death notice (the watchdog says it in one line). `-v` keeps them all."""
     if verbose:
         return
+    import ray._private.worker as ray_worker
     import ray.serve  # noqa: F401  (configures Serve's logger when first imported)
 
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
     )
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # The driver's error listener prints what the cluster pushes through this function.
+    print_to_stdstream = getattr(ray_worker, "print_to_stdstream", None)
+    if print_to_stdstream is not None:
+
+        def without_raylet_death(data: dict, ignore_prefix: bool) -> None:
+            lines = data.get("lines") or [""]
+            if data.get("pid") == "raylet" and str(lines[0]).startswith("Raylet is terminated"):
+                return
+            print_to_stdstream(data, ignore_prefix)
+
+        ray_worker.print_to_stdstream = without_raylet_death
 
 
 def _error(message: str) -> None:
