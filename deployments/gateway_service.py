@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deployments.store import SessionStore, StoreUnavailableError
 from sinkwire.options import server_options
 from sinkwire.session_ids import replica_of
 from sinkwire.status import StreamError
@@ -37,6 +39,13 @@ STATS_METHOD = f"/{SERVICE}/Stats"
 # A replica unheard of this long is taken out of routing (its channels closed, its streams ended).
 # Shorter gaps (a long engine step, a slow poll) must not cost sessions their streams.
 REPLICA_STALE_AFTER_S = 5.0
+STORE_TIMEOUT_S = 2.0
+# A replica that left routing this recently may come back (a frozen process, a network split): a
+# Resume for one of its sessions is UNAVAILABLE (try again), not NOT_FOUND.
+REMEMBER_GONE_S = 600.0  # a session-store lookup that takes longer routes by the session id alone
+# Refusals before a replica's first answer that send the stream on to the next candidate: a full
+# replica, or one that is draining or whose engine is gone. Nothing was created on it.
+_MOVE_ON = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 CHANNELS_PER_REPLICA = 4  # HTTP/2 connections to each replica (spreads streams over them)
 
 
@@ -47,6 +56,8 @@ class Backend:
     replica_id: str
     address: str
     slots_free: int = 0
+    held: int = 0  # sessions it holds, with a slot or offloaded
+    accepting: bool = True  # takes new and resumed sessions (not draining, engine alive)
     placed: int = 0  # new sessions sent here since the last directory update
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     _next: int = 0
@@ -68,7 +79,13 @@ class Backend:
 
 
 class _Refused(Exception):
-    """The replica refused to open a session (full): the next one may have room."""
+    """The replica refused the stream before answering it (full, draining, its engine gone):
+    nothing was created there, and the next replica may take it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
 class _ReplicaGone(Exception):
@@ -78,9 +95,13 @@ class _ReplicaGone(Exception):
 class GatewayService:
     """Routing state and the gRPC handlers; `update(infos)` tells it which replicas exist."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: SessionStore | None = None) -> None:
         self.backends: dict[str, Backend] = {}
         self.health = health.aio.HealthServicer()
+        # Where sessions are checkpointed: a Resume goes to the replica holding the session now,
+        # or, when its replica is gone, to one with room, which rebuilds it from there.
+        self.store = store
+        self._gone: dict[str, float] = {}  # replica id -> when it left routing (monotonic)
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> grpc.aio.Server:
         """Listen on host:port; `reuse_port` lets several gateway processes share the port (the
@@ -107,7 +128,7 @@ class GatewayService:
 
     # -- replicas --------------------------------------------------------------------------------
     async def update(self, infos: list[dict]) -> None:
-        """The replicas that exist now: [{replica_id, address, slots_free}, ...]."""
+        """The replicas that exist now: [{replica_id, address, slots_free, accepting}, ...]."""
         seen = set()
         for info in infos:
             replica_id = info["replica_id"]
@@ -120,9 +141,16 @@ class GatewayService:
                 backend.connect()
                 self.backends[replica_id] = backend
             backend.slots_free = info["slots_free"]
+            backend.held = info.get("held", 0)
+            backend.accepting = info.get("accepting", True)
             backend.placed = 0
+        now = time.monotonic()
         for replica_id in set(self.backends) - seen:
             await self.backends.pop(replica_id).close()
+            self._gone[replica_id] = now
+        for replica_id, since in list(self._gone.items()):
+            if now - since > REMEMBER_GONE_S or replica_id in self.backends:
+                del self._gone[replica_id]
         await self._set_serving(bool(self.backends))
 
     async def _set_serving(self, serving: bool) -> None:
@@ -134,20 +162,47 @@ class GatewayService:
         for name in ("", SERVICE):
             await self.health.set(name, status)
 
-    def _candidates(self, first: pb.ClientMessage) -> list[Backend]:
+    async def _candidates(self, first: pb.ClientMessage) -> list[Backend]:
         """Backends to try for this stream, best first."""
-        kind = first.WhichOneof("kind")
-        if kind == "resume":
-            session_id = first.resume.session_id
-            backend = self.backends.get(replica_of(session_id))
-            if backend is None:
-                raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} not found")
-            return [backend]
-        if not self.backends:
+        if first.WhichOneof("kind") == "resume":
+            return await self._resume_candidates(first.resume.session_id)
+        backends = self._by_room()
+        if not backends:
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
-        backends = list(self.backends.values())
-        random.shuffle(backends)  # equal room: spread evenly
-        return sorted(backends, key=lambda b: b.slots_free - b.placed, reverse=True)
+        return backends
+
+    async def _resume_candidates(self, session_id: str) -> list[Backend]:
+        """The replica that holds the session now; if it has none (its replica is gone, or it was
+        offloaded and handed back), any replica with room, which rebuilds it from the store."""
+        opener = self.backends.get(replica_of(session_id))
+        record = None
+        if self.store is not None:
+            try:
+                record = await asyncio.wait_for(self.store.get(session_id), STORE_TIMEOUT_S)
+            except (StoreUnavailableError, TimeoutError):
+                log.warning("session store unavailable; routing %s by its id", session_id)
+        if record is not None:
+            holder = self.backends.get(record.replica_id)
+            if holder is not None and holder.accepting:
+                return [holder]
+            rebuilders = self._by_room()
+            if not rebuilders:
+                raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
+            return rebuilders
+        if opener is None:
+            if replica_of(session_id) in self._gone:  # it may come back: try again later
+                raise StreamError(
+                    grpc.StatusCode.UNAVAILABLE, "the session's replica is unreachable; try again"
+                )
+            raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} not found")
+        return [opener]
+
+    def _by_room(self) -> list[Backend]:
+        """Replicas taking sessions: the most free slots first, then the fewest sessions held
+        (when every slot is taken, idle sessions leave the GPU: spread what is held evenly)."""
+        backends = [b for b in self.backends.values() if b.accepting]
+        random.shuffle(backends)
+        return sorted(backends, key=lambda b: (b.placed - b.slots_free, b.held + b.placed))
 
     # -- Session ---------------------------------------------------------------------------------
     async def session(self, request_iterator, context) -> AsyncIterator[bytes]:
@@ -157,12 +212,13 @@ class GatewayService:
             return
         try:
             first = pb.ClientMessage.FromString(raw_first)
-            candidates = self._candidates(first)
+            candidates = await self._candidates(first)
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed client message")
         except StreamError as error:
             await context.abort(error.code, error.message)
         opening = first.WhichOneof("kind") == "open"
+        refusals: list[_Refused] = []
         for backend in candidates:
             if opening:
                 backend.placed += 1
@@ -170,17 +226,25 @@ class GatewayService:
                 async for response in self._pipe(backend, raw_first, requests, context):
                     yield response
                 return
-            except _Refused:
-                continue  # another replica may have a free slot
+            except _Refused as refused:
+                refusals.append(refused)
+                continue  # nothing was created there: another replica may take it
             except grpc.aio.AioRpcError as error:
                 await context.abort(error.code(), error.details() or "replica error")
             except _ReplicaGone:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the session's replica {backend.replica_id} is unreachable; resume it later",
+                    f"the session's replica {backend.replica_id} is unreachable; resume the "
+                    "session (with a session store it continues from its last checkpoint)",
                 )
+        if refusals and all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refusals):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot on any replica"
+            )
+        last = refusals[-1] if refusals else None
         await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot on any replica"
+            grpc.StatusCode.UNAVAILABLE,
+            f"no replica could take the stream{f': {last.details}' if last else ''}",
         )
 
     async def _pipe(
@@ -205,8 +269,8 @@ class GatewayService:
                     opened.set()
                 yield response
         except grpc.aio.AioRpcError as error:
-            if first_response and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise _Refused() from None
+            if first_response and error.code() in _MOVE_ON:
+                raise _Refused(error.code(), error.details() or "") from None
             raise
         except asyncio.CancelledError:
             # Not our cancellation (the client leaving): the replica's channel was closed under
@@ -240,6 +304,13 @@ class GatewayService:
             response.slots_total += answer.slots_total
             response.slots_used += answer.slots_used
             response.slots_free += answer.slots_free
+            response.sessions_offloaded += answer.sessions_offloaded
+        response.sessions_stored = -1
+        if self.store is not None:
+            with contextlib.suppress(StoreUnavailableError, TimeoutError):
+                response.sessions_stored = await asyncio.wait_for(
+                    self.store.count(), STORE_TIMEOUT_S
+                )
         return response
 
     async def close(self) -> None:

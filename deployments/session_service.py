@@ -1,15 +1,17 @@
 """The replica side of the gRPC contract: session streams served from one engine.
 
-No Ray here: the Serve deployment (deployments/replica.py) and the Ray-free launcher
-(deployments/standalone.py) both start a replica server with `start_replica_server`.
+The servicer translates messages; what happens to sessions (open, resume and rebuild, offload,
+checkpoints, drain) is deployments.replica_sessions. No Ray here: the Serve deployment
+(deployments/replica.py) and the Ray-free launcher (deployments/standalone.py) both start a
+replica server with `start_replica_server`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
+import os
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,12 +19,12 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from deployments.convert import append_input, generation_params, server_message, status_for
-from deployments.resume import resume_token, token_matches
+from deployments.replica_sessions import Attached, ReplicaSessions
+from deployments.resume import resume_token
 from deployments.settings import AppSettings
-from sinkcache.errors import SessionNotFoundError
-from sinkcache.host.protocol import Engine, SessionInfo
+from deployments.store import SessionStore
+from sinkcache.host.protocol import Engine
 from sinkwire.options import SERVER_OPTIONS
-from sinkwire.session_ids import new_session_id
 from sinkwire.status import StreamError
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
@@ -30,94 +32,6 @@ from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _END = object()  # ends a stream normally
-
-
-class ReplicaSessions:
-    """Which stream each session is attached to; sessions with none expire after a TTL."""
-
-    def __init__(self, engine: Engine, replica_id: str, settings: AppSettings) -> None:
-        self.engine = engine
-        self.replica_id = replica_id
-        self.settings = settings
-        self.attached: dict[str, asyncio.Queue] = {}
-        self.detached_since: dict[str, float] = {}
-
-    def opened_message(self, info: SessionInfo, resumed: bool) -> pb.ServerMessage:
-        return pb.ServerMessage(
-            opened=pb.Opened(
-                session_id=info.session_id,
-                resume_token=resume_token(self.settings.resume_secret, info.session_id),
-                replica_id=self.replica_id,
-                sink_tokens=info.sink,
-                window_tokens=info.window,
-                capacity=info.capacity,
-                stream_position=info.stream_pos,
-                resumed=resumed,
-                model=self.settings.engine.model,
-            ),
-            replica_id=self.replica_id,
-        )
-
-    async def attach(
-        self, first: pb.ClientMessage, out: asyncio.Queue
-    ) -> tuple[str, pb.ServerMessage]:
-        """Open or resume the session the stream's first message names; the stream now owns it."""
-        kind = first.WhichOneof("kind")
-        if kind == "open":
-            info = await self.engine.open_session(new_session_id(self.replica_id))
-            resumed = False
-        elif kind == "resume":
-            session_id = first.resume.session_id
-            if not session_id:
-                raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "resume needs a session_id")
-            # The token first: a caller without it learns nothing and makes nothing wait.
-            if not token_matches(
-                self.settings.resume_secret, session_id, first.resume.resume_token
-            ):
-                raise StreamError(grpc.StatusCode.PERMISSION_DENIED, "wrong resume token")
-            info = await self.engine.session_info(session_id, settled=True)
-            resumed = True
-        else:
-            raise StreamError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the first message of a stream must be open or resume",
-            )
-        previous = self.attached.get(info.session_id)
-        if previous is not None:  # the newest stream wins (a client reconnecting after a drop)
-            previous.put_nowait(
-                StreamError(grpc.StatusCode.ABORTED, "session resumed on another stream")
-            )
-        self.attached[info.session_id] = out
-        self.detached_since.pop(info.session_id, None)
-        return info.session_id, self.opened_message(info, resumed)
-
-    def detach(self, session_id: str, out: asyncio.Queue, closed: bool) -> None:
-        if self.attached.get(session_id) is not out:
-            return
-        del self.attached[session_id]
-        if not closed:
-            self.detached_since[session_id] = time.monotonic()
-            asyncio.get_running_loop().create_task(self._cancel_quietly(session_id))
-
-    async def _cancel_quietly(self, session_id: str) -> None:
-        with contextlib.suppress(SessionNotFoundError):
-            await self.engine.cancel(session_id)  # nobody is reading the reply any more
-
-    async def expire(self) -> None:
-        """Close sessions that have had no stream for longer than the TTL (forever, every 10 s)."""
-        while True:
-            await asyncio.sleep(min(10.0, self.settings.session_ttl_s))
-            deadline = time.monotonic() - self.settings.session_ttl_s
-            for session_id, since in list(self.detached_since.items()):
-                if since < deadline:
-                    self.detached_since.pop(session_id, None)
-                    with contextlib.suppress(SessionNotFoundError):
-                        await self.engine.close(session_id)
-                    log.info(
-                        "session %s expired after %.0f s detached",
-                        session_id,
-                        self.settings.session_ttl_s,
-                    )
 
 
 class SessionServicer(pb_grpc.StreamingLLMServicer):
@@ -134,8 +48,10 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            session_id, opened = await self.sessions.attach(first, out)
-            yield opened
+            attached = await self._start(first)
+            session_id = attached.info.session_id
+            self.sessions.attach(session_id, out)
+            yield self._opened(attached)
             reader = asyncio.create_task(self._read(request_iterator, session_id, out))
             while True:
                 item = await out.get()
@@ -157,6 +73,36 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             if session_id is not None:
                 self.sessions.detach(session_id, out, closed)
 
+    async def _start(self, first: pb.ClientMessage) -> Attached:
+        """Open or resume the session the stream's first message names."""
+        kind = first.WhichOneof("kind")
+        if kind == "open":
+            return await self.sessions.open()
+        if kind == "resume":
+            return await self.sessions.resume(first.resume.session_id, first.resume.resume_token)
+        raise StreamError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the first message of a stream must be open or resume",
+        )
+
+    def _opened(self, attached: Attached) -> pb.ServerMessage:
+        info, replica_id = attached.info, self.sessions.replica_id
+        return pb.ServerMessage(
+            opened=pb.Opened(
+                session_id=info.session_id,
+                resume_token=resume_token(self.sessions.settings.resume_secret, info.session_id),
+                replica_id=replica_id,
+                sink_tokens=info.sink,
+                window_tokens=info.window,
+                capacity=info.capacity,
+                stream_position=info.stream_pos,
+                resumed=attached.resumed,
+                model=self.sessions.settings.engine.model,
+                rebuilt=attached.rebuilt,
+            ),
+            replica_id=replica_id,
+        )
+
     async def _read(self, request_iterator, session_id: str, out: asyncio.Queue) -> None:
         """Client messages in, one turn at a time out (turns run in order, as the engine does)."""
         turns: asyncio.Queue = asyncio.Queue()
@@ -166,17 +112,24 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
                 kind = message.WhichOneof("kind")
                 if kind == "append":
                     append = message.append
-                    stream = await self.engine.append(
-                        session_id, append_input(append), generation_params(append), append.score
-                    )
-                    turns.put_nowait(stream)
+                    await self.sessions.before_append(session_id)
+                    try:
+                        stream = await self.engine.append(
+                            session_id,
+                            append_input(append),
+                            generation_params(append),
+                            append.score,
+                        )
+                    except BaseException:
+                        self.sessions.append_refused(session_id)
+                        raise
+                    turns.put_nowait((session_id, stream))
                 elif kind == "cancel":
                     await self.engine.cancel(session_id)
                 elif kind == "close":
-                    info = await self.engine.session_info(session_id)
-                    await self.engine.close(session_id)
+                    stream_pos = await self.sessions.close(session_id)
                     await turns.join()
-                    closed = pb.Closed(stream_position=info.stream_pos)
+                    closed = pb.Closed(stream_position=stream_pos)
                     out.put_nowait(
                         pb.ServerMessage(closed=closed, replica_id=self.sessions.replica_id)
                     )
@@ -201,13 +154,14 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
     async def _forward(self, turns: asyncio.Queue, out: asyncio.Queue) -> None:
         replica_id = self.sessions.replica_id
         while True:
-            stream = await turns.get()
+            session_id, stream = await turns.get()
             try:
                 async for event in stream:
                     out.put_nowait(server_message(event, replica_id))
             except Exception as error:
                 out.put_nowait(status_for(error))
             finally:
+                self.sessions.turn_ended(session_id)
                 turns.task_done()
 
     async def Stats(self, request, context) -> pb.StatsResponse:
@@ -218,11 +172,14 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             slots_total=stats.slots_total,
             slots_used=stats.slots_used,
             slots_free=stats.slots_free,
+            sessions_offloaded=stats.sessions_offloaded,
+            sessions_stored=-1,
         )
 
 
 async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
     stats = await sessions.engine.stats()
+    writer = sessions.writer
     return pb.ReplicaStats(
         replica_id=sessions.replica_id,
         sessions=stats.sessions,
@@ -239,14 +196,27 @@ async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
         process_rss_bytes=psutil.Process().memory_info().rss + stats.engine_rss_bytes,
         decode_tokens=stats.decode_tokens,
         prefill_tokens=stats.prefill_tokens,
+        sessions_offloaded=sessions.offloaded,
+        checkpoints_written=writer.written if writer else 0,
+        checkpoint_failures=writer.failures if writer else 0,
+        draining=sessions.draining,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        engine_pid=stats.engine_pid,
     )
 
 
 async def start_replica_server(
-    engine: Engine, replica_id: str, settings: AppSettings, port: int = 0
+    engine: Engine,
+    replica_id: str,
+    settings: AppSettings,
+    port: int = 0,
+    store: SessionStore | None = None,
 ) -> tuple[grpc.aio.Server, ReplicaSessions, health.aio.HealthServicer, int]:
-    """Serve `engine`'s sessions on `port` (0: any free port); returns the bound port too."""
-    sessions = ReplicaSessions(engine, replica_id, settings)
+    """Serve `engine`'s sessions on `port` (0: any free port); returns the bound port too.
+    With a `store`, sessions are checkpointed there and rebuilt from it."""
+    sessions = ReplicaSessions(engine, replica_id, settings, store)
+    await sessions.start()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_StreamingLLMServicer_to_server(SessionServicer(sessions), server)
     health_service = health.aio.HealthServicer()

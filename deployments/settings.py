@@ -9,6 +9,7 @@ coerces strings, and refuses unknown keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -16,9 +17,13 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sinkcache.config import EngineConfig, setting
+
+STORE_ENV = "SINKSERVE_SESSION_STORE"
+SECRET_ENV = "SINKSERVE_RESUME_SECRET"
 
 
 @dataclass
@@ -42,22 +47,67 @@ class AppSettings:
         "Prometheus port of the local Ray cluster `sinkserve serve` starts (default: a free "
         "port, printed with the ready line); on a cluster, Ray's own --metrics-export-port",
     )
-    gateways: int = setting(1, "gateways (at most one per node)")
+    gateways: int = setting(
+        2, "gateways, at most max_gateways_per_node on a node (on Kubernetes: one per gateway pod)"
+    )
     gateway_resource: str | None = setting(
         None,
         "place gateways only on Ray nodes offering this custom resource (on Kubernetes: the pods "
         "a Service sends clients to)",
     )
     session_ttl_s: float = setting(3600.0, "seconds a session with no stream attached lives")
-    resume_secret: str = field(
-        default_factory=lambda: secrets.token_hex(32),
-        metadata={
-            "help": "HMAC key of resume tokens, shared by all replicas (default: "
-            "$SINKSERVE_RESUME_SECRET, e.g. from a Kubernetes Secret, else random)",
-            "env": "SINKSERVE_RESUME_SECRET",
-        },
+    session_store: str = setting(
+        "",
+        "where sessions are checkpointed so they outlive any process: sqlite (a file under the "
+        "cache directory), sqlite:///PATH, redis://HOST:PORT/DB, or off; default: "
+        f"${STORE_ENV}, else sqlite",
+    )
+    idle_offload_s: float = setting(
+        60.0,
+        "seconds a session with no stream and no request keeps its cache slot; then it leaves "
+        "the GPU and its next message rebuilds it",
+    )
+    min_replicas: int | None = setting(
+        None, "autoscale between min_replicas and max_replicas (both set) on slot occupancy"
+    )
+    max_replicas: int | None = setting(None, "see min_replicas")
+    target_slot_occupancy: float = setting(
+        0.75, "autoscaling keeps the sessions with a cache slot near this share of all slots"
+    )
+    drain_timeout_s: float = setting(
+        30.0,
+        "on shutdown or scale-in, how long a replica lets replies in flight finish before it "
+        "cancels them, checkpoints every session and stops",
+    )
+    max_gateways_per_node: int = setting(
+        2, "gateways sharing one node's port (SO_REUSEPORT), so one dying does not close it"
+    )
+    resume_secret: str = setting(
+        "",
+        f"HMAC key of resume tokens, shared by all replicas; default: ${SECRET_ENV}, else a "
+        "random key kept in the cache directory (so a restarted service accepts old tokens)",
     )
     application: str = setting("sinkserve", "the Serve application's name")
+
+    def __post_init__(self) -> None:
+        if not self.resume_secret:
+            self.resume_secret = os.environ.get(SECRET_ENV) or _local_secret()
+        if not self.session_store:
+            self.session_store = os.environ.get(STORE_ENV) or "sqlite"
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None and self.max_replicas is not None
+
+    def store_url(self) -> str | None:
+        """The session store's URL (None: no store)."""
+        if self.session_store in ("off", "none"):
+            return None
+        if self.session_store == "sqlite":
+            from deployments.store import default_sqlite_url
+
+            return default_sqlite_url()
+        return self.session_store
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppSettings:
@@ -69,12 +119,6 @@ class AppSettings:
         if unknown:
             known = ", ".join(name for name, _ in setting_fields())
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {known}")
-        for name, f in app_fields.items():
-            # Secrets may come from the environment (a Kubernetes Secret mapped into every pod's
-            # env) instead of args, which KubeRay keeps in the RayService object in plain text.
-            env_name = f.metadata.get("env")
-            if name not in args and env_name and os.environ.get(env_name):
-                args[name] = os.environ[env_name]
         engine = {k: _coerce(engine_fields[k], v) for k, v in args.items() if k in engine_fields}
         app = {k: _coerce(app_fields[k], v) for k, v in args.items() if k in app_fields}
         return cls(engine=EngineConfig(**engine), **app)
@@ -100,6 +144,29 @@ class AppSettings:
             problems.append(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         if not self.session_ttl_s > 0:
             problems.append(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
+        if not self.idle_offload_s > 0:
+            problems.append(f"idle_offload_s must be > 0, got {self.idle_offload_s}")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            problems.append("set both min_replicas and max_replicas to autoscale, or neither")
+        elif self.autoscaling and not 0 <= self.min_replicas <= self.max_replicas:
+            problems.append(
+                f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, "
+                f"{self.max_replicas}"
+            )
+        if not 0 < self.target_slot_occupancy <= 1:
+            problems.append(
+                f"target_slot_occupancy must be in (0, 1], got {self.target_slot_occupancy}"
+            )
+        if self.max_gateways_per_node < 1:
+            problems.append(f"max_gateways_per_node must be >= 1, got {self.max_gateways_per_node}")
+        store = self.session_store
+        if not (
+            store in ("off", "none", "sqlite")
+            or store.startswith(("sqlite://", "redis://", "rediss://", "/"))
+        ):
+            problems.append(
+                f"session_store must be sqlite, sqlite:///PATH, redis://..., or off; got {store!r}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -145,3 +212,20 @@ def _coerce(f: dataclasses.Field, raw: Any) -> Any:
         return kind(raw)
     except ValueError:
         raise ValueError(f"setting {f.name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _local_secret() -> str:
+    """A random resume secret kept (mode 0600) in the cache directory, made on first use."""
+    root = Path(os.environ.get("SINKSERVE_CACHE") or Path.home() / ".cache" / "sinkserve")
+    path = root.expanduser() / "resume_secret"
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(fresh)
+    return fresh

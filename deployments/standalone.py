@@ -23,6 +23,7 @@ import grpc
 from deployments.gateway_service import REPLICA_STALE_AFTER_S, GatewayService
 from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
+from deployments.store import open_store
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
@@ -41,18 +42,26 @@ async def run_replica(settings: AppSettings, port: int, replica_id: str) -> None
     from sinkcache.host.start import start_engine
 
     loop = asyncio.get_running_loop()
+    url = settings.store_url()
+    store = open_store(url, ttl_s=settings.session_ttl_s) if url else None
     engine = await start_engine(settings.engine, in_process=not settings.engine_process)
-    server, sessions, _, bound = await start_replica_server(engine, replica_id, settings, port)
-    expiry = loop.create_task(sessions.expire())
+    server, sessions, _, bound = await start_replica_server(
+        engine, replica_id, settings, port, store=store
+    )
+    sweep = loop.create_task(sessions.sweep())
     print(f"ready replica {replica_id} on port {bound}", flush=True)
     await _until_signal()
-    expiry.cancel()
+    await sessions.drain(settings.drain_timeout_s)
+    sweep.cancel()
+    sessions.end_streams()
     await server.stop(grace=2)
     await engine.shutdown()
 
 
-async def run_gateway(host: str, port: int, replicas: list[str], reuse_port: bool) -> None:
-    service = GatewayService()
+async def run_gateway(
+    host: str, port: int, replicas: list[str], reuse_port: bool, store_url: str | None
+) -> None:
+    service = GatewayService(open_store(store_url, ttl_s=3600.0) if store_url else None)
     server = await service.start(host, port, reuse_port)
 
     async def poll() -> None:
@@ -72,6 +81,8 @@ async def run_gateway(host: str, port: int, replicas: list[str], reuse_port: boo
                                 "replica_id": replica.replica_id,
                                 "address": address,
                                 "slots_free": replica.slots_free,
+                                "held": replica.sessions + replica.sessions_offloaded,
+                                "accepting": not replica.draining,
                             }
                             for replica in stats.replicas
                         ],
@@ -103,13 +114,14 @@ def main() -> None:
     gw.add_argument("--port", type=int, default=50070)
     gw.add_argument("--replica", action="append", required=True, help="replica address (repeat)")
     gw.add_argument("--reuse-port", action="store_true", help="share the port with other gateways")
+    gw.add_argument("--store", help="the replicas' session store URL (routes resumes to rebuilds)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.role == "replica":
         settings = AppSettings.from_args(dict(item.split("=", 1) for item in args.set))
         asyncio.run(run_replica(settings, args.port, args.replica_id))
     else:
-        asyncio.run(run_gateway(args.host, args.port, args.replica, args.reuse_port))
+        asyncio.run(run_gateway(args.host, args.port, args.replica, args.reuse_port, args.store))
 
 
 if __name__ == "__main__":

@@ -308,6 +308,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stall_timeout_s=args.stall_timeout,
+        chaos_kill_every_s=args.chaos_kill_every,
+        chaos_target=args.chaos_target,
     )
     console = Console(stderr=True)
 
@@ -328,6 +330,9 @@ def _loadtest(args: argparse.Namespace) -> int:
     rows = [
         ("sessions opened", data["sessions_opened"]),
         ("sessions lost", data["sessions_lost"]),
+        ("sessions resumed after a broken stream", data["sessions_resumed"]),
+        ("opens refused (no free slot)", data["opens_refused"]),
+        ("opens failed", data["opens_failed"]),
         ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or 0),
         ("turns", data["turns"]),
         ("tokens/s (steady)", f"{data['tokens_per_s']:.0f}"),
@@ -359,7 +364,16 @@ def _loadtest(args: argparse.Namespace) -> int:
         write_json(data, Path(args.json))
     if args.plot:
         plot(data, Path(args.plot))
-    return 0 if data["sessions_lost"] == 0 and not data["errors"] else 1
+    if data["kills"]:
+        failover = data["failover_ms"]
+        rows = [
+            f"{len(data['kills'])} {args.chaos_target} process(es) killed",
+            f"failover p50 {failover['p50']} ms, p99 {failover['p99']} ms",
+            f"reply tokens lost {data['lost_reply_tokens']}",
+        ]
+        Console().print("chaos: " + "; ".join(rows), highlight=False)
+    # Errors a session recovered from (its stream broke, it resumed) are not failures.
+    return 0 if data["sessions_lost"] == 0 and data["opens_failed"] == 0 else 1
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -467,6 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     lt.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1: off)")
     lt.add_argument("--seed", type=int, default=0, help="seed of the generated conversations")
+    lt.add_argument(
+        "--chaos-kill-every", type=float, metavar="S",
+        help="SIGKILL a replica process on this host every S seconds (after the ramp)",
+    )  # fmt: skip
+    lt.add_argument(
+        "--chaos-target", choices=("replica", "engine"), default="replica",
+        help="what --chaos-kill-every kills: a replica's process, or its engine process",
+    )  # fmt: skip
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")
     lt.set_defaults(run=_loadtest)

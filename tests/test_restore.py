@@ -11,9 +11,14 @@ from sinkcache.config import CacheGeometry
 from sinkcache.errors import InvalidRequestError
 from sinkcache.events import EndReason, SessionSnapshot
 from sinkcache.inputs import GenerationParams, TokenInput
-from tests.test_engine import collect, make_engine, models  # noqa: F401 (fixture)
+from tests.tiny_engine import collect, make_engine, tiny_models
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models()
 
 
 def _ids(snapshot: SessionSnapshot) -> list[int]:

@@ -156,7 +156,7 @@ def session_info(core: EngineCore, session: Session) -> SessionInfo:
     )
 
 
-def engine_stats(core: EngineCore, engine_rss_bytes: int) -> EngineStats:
+def engine_stats(core: EngineCore, engine_rss_bytes: int, engine_pid: int) -> EngineStats:
     arena, counters = core.arena, core.counters
     recent = sorted(list(counters.step_seconds)[-256:])
     return EngineStats(
@@ -175,15 +175,23 @@ def engine_stats(core: EngineCore, engine_rss_bytes: int) -> EngineStats:
         kv_bytes=arena.nbytes(),
         device=str(arena.device),
         engine_rss_bytes=engine_rss_bytes,
+        engine_pid=engine_pid,
     )
 
 
 class LoopCommands:
     """Runs commands against the core; called on the engine loop's thread only."""
 
-    def __init__(self, core: EngineCore, engine_rss_bytes: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        engine_rss_bytes: Callable[[], int] = lambda: 0,
+        engine_pid: int = 0,
+    ) -> None:
+        """`engine_rss_bytes` and `engine_pid` describe the engine's own process, if it has one."""
         self.core = core
         self._engine_rss_bytes = engine_rss_bytes
+        self._engine_pid = engine_pid
         self._steps_taken = 0
 
     def run(self, command: Command, reply: Reply) -> None:
@@ -226,7 +234,7 @@ class LoopCommands:
             case WatchSnapshots():
                 return core.watch_snapshots()
             case GetStats():
-                return engine_stats(core, self._engine_rss_bytes())
+                return engine_stats(core, self._engine_rss_bytes(), self._engine_pid)
             case TakeStepSeconds():
                 samples = core.counters.step_seconds_after(self._steps_taken)
                 self._steps_taken = core.counters.steps

@@ -146,7 +146,7 @@ class _Child:
         self.conn = conn
         core = build_core(config)
         rss = psutil.Process().memory_info
-        self.commands = LoopCommands(core, lambda: rss().rss)
+        self.commands = LoopCommands(core, lambda: rss().rss, os.getpid())
         self._take_events = take_events
         self.loop = EngineLoop(
             core, self._deliver, config.flush_interval_s, config.max_events_per_s

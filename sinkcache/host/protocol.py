@@ -42,6 +42,7 @@ class EngineStats:
     kv_bytes: int
     device: str
     engine_rss_bytes: int  # the engine's own process; 0 when it shares the caller's
+    engine_pid: int  # the engine's own process; 0 when it shares the caller's
 
 
 class Engine(Protocol):
