@@ -112,6 +112,12 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
                 kind = message.WhichOneof("kind")
                 if kind == "append":
                     append = message.append
+                    if self.sessions.draining:  # accepted turns finish; this one goes elsewhere
+                        await turns.join()
+                        raise StreamError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            "replica draining: resume the session and send the turn again",
+                        )
                     await self.sessions.before_append(session_id)
                     try:
                         stream = await self.engine.append(
