@@ -10,6 +10,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.checks import SettingsError, building_for_a_local_cluster, check_settings
 from deployments.directory import ReplicaDirectory
 from deployments.gateway import Gateway
 from deployments.replica import SessionReplica
@@ -24,7 +25,9 @@ def _cluster_has_gpus() -> bool:
 
 def build_app(args: dict[str, Any] | AppSettings | None = None) -> Application:
     """Build the application from settings (a dict of strings from `serve run` / KubeRay works)."""
-    settings = args if isinstance(args, AppSettings) else AppSettings.from_args(args)
+    settings = args if isinstance(args, AppSettings) else _settings_from(args)
+    # One line now rather than a replica failing three times after Ray has started.
+    check_settings(settings, local=building_for_a_local_cluster())
     gpus = settings.gpus_per_replica
     if gpus is None:
         gpus = 1 if _cluster_has_gpus() else 0
@@ -65,3 +68,10 @@ def build_app(args: dict[str, Any] | AppSettings | None = None) -> Application:
         ray_actor_options=gateway_actor,
         graceful_shutdown_timeout_s=settings.drain_timeout_s + 10,
     ).bind(settings, directory, replicas)
+
+
+def _settings_from(args: dict[str, Any] | None) -> AppSettings:
+    try:
+        return AppSettings.from_args(args)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None

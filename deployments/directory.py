@@ -14,7 +14,13 @@ from ray import serve
 from deployments.gateway_service import REPLICA_STALE_AFTER_S
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+# Every replica calls `heartbeat` once a second and every gateway `replicas` twice: Serve's access
+# log would be nearly all of the application's log lines.
+@serve.deployment(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    logging_config={"enable_access_log": False},
+)
 class ReplicaDirectory:
     def __init__(self) -> None:
         self._replicas: dict[str, dict[str, Any]] = {}

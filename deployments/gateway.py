@@ -31,7 +31,14 @@ class Gateway:
             settings.host, settings.port, reuse_port=settings.max_gateways_per_node > 1
         )
         self._poll = asyncio.get_running_loop().create_task(self._watch_directory())
-        log.info("gateway listening on %s:%d", settings.host, settings.port)
+        # Under `serve run`, Serve also prints an http:// address: that is its HTTP proxy, which
+        # this gRPC service does not use.
+        log.info(
+            "sinkserve gRPC gateway listening on %s:%d (sinkserve chat --target HOST:%d)",
+            settings.host,
+            settings.port,
+            settings.port,
+        )
 
     async def _watch_directory(self) -> None:
         while True:

@@ -125,8 +125,10 @@ class SessionReplica:
             log.exception("drain failed")
         for task in self._tasks:
             task.cancel()
+        # Bounded: when the whole app is deleted the directory may be gone already, and a call
+        # to a deployment without replicas waits until Serve force-kills this one.
         with contextlib.suppress(Exception):
-            await self.directory.leave.remote(self.replica_id)
+            await asyncio.wait_for(self.directory.leave.remote(self.replica_id), 2.0)
         self.sessions.end_streams()
         await self.server.stop(grace=2)
         await self.engine.shutdown()

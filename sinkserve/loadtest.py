@@ -122,6 +122,9 @@ class LoadStats:
     turns: int = 0
     tokens: int = 0
     errors: Counter = field(default_factory=Counter)
+    # The first error's details for each status code: what a reader needs when a run fails
+    # (a dead target says "failed to connect to all addresses", not only UNAVAILABLE).
+    error_details: dict[str, str] = field(default_factory=dict)
     ttft: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     itl: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     failover: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
@@ -133,9 +136,13 @@ class LoadStats:
     _window_tokens: int = 0
     _window_ttft: list[float] = field(default_factory=list)
 
-    def error(self, error: SessionError | grpc.StatusCode) -> None:
+    def error(self, error: SessionError | grpc.StatusCode, details: str = "") -> None:
         code = error if isinstance(error, grpc.StatusCode) else error.code
+        if not details and isinstance(error, SessionError):
+            details = error.details
         self.errors[code.name] += 1
+        if details and code.name not in self.error_details:
+            self.error_details[code.name] = " ".join(details.split())
 
 
 async def _within(awaitable: Awaitable[T], timeout_s: float) -> T:
@@ -339,7 +346,7 @@ async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Eve
                     }
                 )
             except grpc.aio.AioRpcError as error:
-                stats.error(error.code())
+                stats.error(error.code(), error.details() or "")
             try:
                 await asyncio.wait_for(stop.wait(), config.stats_interval_s)
                 return
@@ -444,6 +451,7 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
         "failover_ms": _percentiles(stats.failover),
         "resume_ms": _percentiles(stats.resume),
         "errors": dict(stats.errors),
+        "error_details": dict(stats.error_details),
         "turns": stats.turns,
         "tokens": stats.tokens,
         "tokens_per_s": steady_tokens / steady_points if steady_points else stats.tokens / measured,
@@ -470,20 +478,24 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    """Throughput, first-token latency and server memory over time."""
+    """Throughput, first-token latency and server memory over the run, from its first second:
+    the ramp, the steady part (after a warm-up, memory growth is measured), then sessions closing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     timeline = data["timeline"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9.5), sharex=True)
     ts = [p["t"] for p in timeline]
-    axes[0].plot(ts, [p["tokens_per_s"] for p in timeline])
+    (tokens,) = axes[0].plot(ts, [p["tokens_per_s"] for p in timeline], label="tokens/s")
     axes[0].set_ylabel("tokens/s to clients")
     ax2 = axes[0].twinx()
-    ax2.plot(ts, [p["active_sessions"] for p in timeline], color="grey", linestyle="--")
+    (active,) = ax2.plot(
+        ts, [p["active_sessions"] for p in timeline], color="grey", label="active sessions"
+    )
     ax2.set_ylabel("active sessions")
+    ax2.set_ylim(bottom=0)
     axes[1].plot(ts, [p["ttft_ms_p50"] for p in timeline], color="tab:orange")
     axes[1].set_ylabel("first-token latency p50 (ms)")
     samples = data["server_samples"]
@@ -492,16 +504,30 @@ def plot(data: dict[str, Any], path: Path) -> None:
     axes[2].plot(st, [s["gateway_rss_bytes"] / 2**20 for s in samples], label="gateway RSS")
     axes[2].plot(st, [s["kv_bytes"] / 2**20 for s in samples], label="KV arenas")
     axes[2].set_ylabel("MiB")
-    axes[2].set_xlabel("seconds")
-    axes[2].legend()
+    axes[2].set_xlabel("seconds since the run started")
+    axes[2].legend(loc="lower right")
+    ramp_end, warm_end = data["ramp_s"], data["warm_from_s"]
+    steady_end = data["ramp_s"] + data["duration_s"]
+    marks = [
+        (ramp_end, "tab:green", ":", f"all sessions opened ({ramp_end:.0f} s ramp)"),
+        (warm_end, "tab:purple", "--", "warm-up over: memory growth measured from here"),
+        (steady_end, "tab:red", "-.", "duration over: sessions close"),
+    ]
+    lines = []
     for ax in axes:
-        ax.axvline(data["ramp_s"], color="grey", linestyle=":")
-        ax.axvline(data["warm_from_s"], color="grey", linestyle="--", linewidth=0.8)
+        for x, color, style, label in marks:
+            line = ax.axvline(x, color=color, linestyle=style, linewidth=1, label=label)
+            if ax is axes[0]:
+                lines.append(line)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
+    axes[0].legend(handles=[tokens, active, *lines], loc="lower center", fontsize="small")
+    axes[2].set_xlim(left=0)
+    errors = ", ".join(f"{code} {n}" for code, n in sorted(data["errors"].items())) or "0"
     fig.suptitle(
-        f"{data['sessions']} sessions, {data['duration_s']:.0f} s: {data['tokens_per_s']:.0f} tokens/s, "
-        f"lost {data['sessions_lost']}, errors {sum(data['errors'].values())}"
+        f"{data['sessions']} sessions: {data['ramp_s']:.0f} s ramp + {data['duration_s']:.0f} s "
+        f"steady, then closing. Steady {data['tokens_per_s']:.0f} tokens/s, "
+        f"lost {data['sessions_lost']}, errors {errors}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

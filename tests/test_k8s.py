@@ -43,3 +43,41 @@ def test_manifest_matches_the_app(path: Path) -> None:
     assert grpc_service["spec"]["ports"][0]["targetPort"] == settings.port
     if settings.gpus_per_replica:
         assert settings.replicas * settings.gpus_per_replica <= gpus
+
+
+def test_manifests_can_share_a_namespace_and_keep_secrets_in_secrets() -> None:
+    """Distinct Service names, selectors that pick only their own pods, and the resume secret
+    from a Kubernetes Secret on every pod (never a value in the manifest)."""
+    services, selectors = [], []
+    for path in MANIFESTS:
+        service, grpc_service = list(yaml.safe_load_all(path.read_text()))
+        services.append(grpc_service["metadata"]["name"])
+        selectors.append(grpc_service["spec"]["selector"])
+        (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        assert "resume_secret" not in app["args"], f"{path.name}: a secret in the manifest"
+        cluster = service["spec"]["rayClusterConfig"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e for e in container.get("env", [])}
+                ref = env["SINKSERVE_RESUME_SECRET"]["valueFrom"]["secretKeyRef"]
+                assert ref["name"] and ref["key"]
+    assert len(set(services)) == len(services), services
+    for i, mine in enumerate(selectors):
+        for j, other_path in enumerate(MANIFESTS):
+            if i == j:
+                continue
+            service, _ = list(yaml.safe_load_all(other_path.read_text()))
+            cluster = service["spec"]["rayClusterConfig"]
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                labels = group["template"]["metadata"]["labels"]
+                assert not all(labels.get(k) == v for k, v in mine.items()), (
+                    f"{services[i]} would also select pods of {other_path.name}"
+                )
+
+
+def test_the_resume_secret_comes_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("SINKSERVE_RESUME_SECRET", "from-a-secret")
+    assert AppSettings.from_args({}).resume_secret == "from-a-secret"
+    assert AppSettings.from_args({"resume_secret": "given"}).resume_secret == "given"
+    monkeypatch.delenv("SINKSERVE_RESUME_SECRET")
+    assert len(AppSettings.from_args({}).resume_secret) == 64  # random

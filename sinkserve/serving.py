@@ -1,0 +1,328 @@
+"""`sinkserve serve` after its preflight: start (or join) Ray, deploy, watch the start, print
+`ready`, serve until a signal, stop.
+
+The start is watched rather than waited on, so that it ends with one line whatever goes wrong:
+- a replica whose constructor fails: its own reason, at the first failure (Serve would retry three
+  times and then say only "Failed to update the deployments");
+- the local Ray cluster dying (raylet or GCS gone): at once, instead of calls that hang;
+- Ctrl-C or SIGTERM at any point: the start stops and what was started is taken down; a second
+  signal stops without waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from deployments.settings import AppSettings
+
+READY_TIMEOUT_S = 900.0  # a first start on a slow machine compiles and loads for minutes
+POLL_S = 0.5
+EXIT_INTERRUPTED = 130
+
+
+class StartFailed(RuntimeError):
+    """The service could not start; the message is one line."""
+
+
+def run_service(settings: AppSettings, address: str | None, verbose: bool) -> int:
+    """Start the service and serve until a signal; an exit code."""
+    import ray
+
+    local = address is None
+    _quiet_ray(verbose)
+    signals = _Signals()
+    # Watching from before ray.init: the cluster can die while ray.init waits for it.
+    watchdog = _LocalRayWatchdog() if local else None
+    signals.watchdog = watchdog
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            namespace="sinkserve",
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            **(_local_cluster_options(settings) if local else {}),
+        )
+    except KeyboardInterrupt:
+        if watchdog is not None:
+            watchdog.stopping = True
+        _error("interrupted while Ray was starting")
+        _force_stop_local_ray()
+        return EXIT_INTERRUPTED
+    except Exception as error:  # Ray could not start or could not be reached
+        if watchdog is not None:
+            watchdog.stopping = True
+        _error(f"Ray did not start: {_last_line(str(error))}")
+        _force_stop_local_ray()
+        return 1
+    signals.install()  # after ray.init, which installs a SIGTERM handler of its own
+    try:
+        _deploy(settings)
+        client_address = wait_until_ready(settings)
+        signals.ready = True
+        print(f"ready {client_address} ({_ready_details(settings, local)})", flush=True)
+        signals.stop.wait()
+        print("shutting down", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: stopping (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except StartFailed as error:
+        _error(str(error) + ("" if verbose else " (-v shows Ray's and the replicas' logs)"))
+        return 1
+    finally:
+        if watchdog is not None:
+            watchdog.stopping = True
+        _stop(settings, local, graceful=signals.ready)
+
+
+def _local_cluster_options(settings: AppSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": max(4, os.cpu_count() or 1)}
+    if settings.metrics_export_port:
+        options["_metrics_export_port"] = settings.metrics_export_port
+    return options
+
+
+def _deploy(settings: AppSettings) -> None:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.start(proxy_location="Disabled")
+    # Not blocking: wait_until_ready watches the start and can name a replica's failure.
+    serve._run(build_app(settings), name=settings.application, route_prefix=None, _blocking=False)
+
+
+def wait_until_ready(
+    settings: AppSettings,
+    timeout_s: float = READY_TIMEOUT_S,
+    status: Callable[[], Any] | None = None,
+) -> str:
+    """Poll until the gateway serves with every replica behind it; the client address.
+
+    Raises StartFailed with a replica's own reason as soon as Serve reports a failed start.
+    Serve's other notes (e.g. replicas waiting for resources) are printed once each.
+    """
+    from ray import serve
+
+    from sinkserve.health import is_serving, replica_count
+
+    status = status or serve.status
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+    client_address = f"{host}:{settings.port}"
+    noted: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = status().applications.get(settings.application)
+        if app is not None:
+            failure = startup_failure(app)
+            if failure:
+                raise StartFailed(failure)
+            for name, deployment in app.deployments.items():
+                note = deployment.message.strip()
+                if note and note not in noted:
+                    noted.add(note)
+                    print(f"sinkserve: note: {name}: {_one_line(note)}", file=sys.stderr)
+        if is_serving(client_address, timeout_s=1.0) and (
+            replica_count(client_address, timeout_s=1.0) >= settings.replicas
+        ):
+            return client_address
+        time.sleep(POLL_S)
+    raise StartFailed(f"not serving {settings.replicas} replica(s) within {timeout_s:.0f} s")
+
+
+def startup_failure(app: Any) -> str | None:
+    """One line if Serve reports that the app or one of its deployments failed to start."""
+    if str(app.status).endswith("DEPLOY_FAILED") and not app.deployments:
+        return f"the application did not deploy: {_last_line(app.message)}"
+    for name, deployment in app.deployments.items():
+        message = deployment.message or ""
+        failed = str(deployment.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")) or (
+            "failed to start" in message or "Traceback" in message
+        )
+        if failed and message.strip():
+            return f"{name} did not start: {_last_line(message)}"
+        if failed:
+            return f"{name} did not start ({deployment.status})"
+    return None
+
+
+_EXCEPTION_PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Failure): ")
+
+
+def _last_line(message: str) -> str:
+    """A traceback's last line without its exception class (the reason itself)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no reason given"
+    return _EXCEPTION_PREFIX.sub("", lines[-1], count=1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _ready_details(settings: AppSettings, local: bool) -> str:
+    details = f"model {settings.engine.model}, {settings.replicas} replica(s)"
+    port = _metrics_port() if local else None
+    if port:
+        details += f", metrics http://localhost:{port}/metrics"
+    return details
+
+
+def _metrics_port() -> int | None:
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return getattr(node, "metrics_export_port", None) if node is not None else None
+
+
+def _stop(settings: AppSettings, local: bool, graceful: bool) -> None:
+    """Take the application down (its replicas drain), then the local cluster if it is ours.
+
+    Deleting the app rather than shutting Serve down leaves a joined cluster's other apps alone
+    and avoids the controller's killed-while-stopping error on a local one. A local start that
+    did not get to `ready` is not drained: stopping the cluster ends it at once."""
+    import ray
+    from ray import serve
+
+    try:
+        if graceful or not local:
+            serve.delete(settings.application)
+    except Exception as error:  # Ray is going away anyway; say why, then stop it
+        _error(f"stopping the application: {_last_line(str(error))}")
+    finally:
+        ray.shutdown()
+
+
+class _Signals:
+    """SIGINT/SIGTERM: during the start, the first one interrupts it (KeyboardInterrupt); once
+    ready, it asks for a clean stop. A second one stops at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.ready = False
+        self.watchdog: _LocalRayWatchdog | None = None
+        self._count = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self._count += 1
+        if self._count > 1:
+            if self.watchdog is not None:
+                self.watchdog.stopping = True
+            _error("stopped without waiting")
+            _force_stop_local_ray()
+            os._exit(EXIT_INTERRUPTED)
+        if self.ready:
+            self.stop.set()
+        else:
+            raise KeyboardInterrupt
+
+
+class _LocalRayWatchdog:
+    """Ends the command when the local Ray cluster dies under it (its raylet or GCS, children of
+    this process, exit), with one line: calls into a dead cluster would otherwise hang for
+    minutes. It watches the processes themselves, so it works while ray.init still waits."""
+
+    CRITICAL = ("raylet", "gcs_server")
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self._watched: dict[int, tuple[str, Any]] = {}
+        self.stopping = False
+        threading.Thread(target=self._watch, name="sinkserve-ray-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        import psutil
+
+        while not self.stopping:
+            with contextlib.suppress(psutil.Error):
+                for child in self._me.children():
+                    if child.pid not in self._watched:
+                        with contextlib.suppress(psutil.Error):
+                            if child.name() in self.CRITICAL:
+                                self._watched[child.pid] = (child.name(), child)
+            for pid, (name, process) in list(self._watched.items()):
+                try:
+                    dead = process.status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    dead = True
+                if dead and not self.stopping:
+                    _error(f"the local Ray cluster stopped: its {name} exited ({_reap(pid)})")
+                    _force_stop_local_ray()
+                    os._exit(1)
+            time.sleep(POLL_S)
+
+
+def _reap(pid: int) -> str:
+    """How a dead child ended (reaping it, unless Ray already has)."""
+    try:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # Ray reaped it first
+        return "see Ray's logs"
+    if reaped == 0:
+        return "see Ray's logs"
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _force_stop_local_ray() -> None:
+    """Kill the local cluster this process started: Ray's own record of it when there is one,
+    and every process this one started (ray.init may not have recorded them yet)."""
+    with contextlib.suppress(Exception):
+        import ray
+
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None and node.head:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    with contextlib.suppress(Exception):
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
+def _quiet_ray(verbose: bool) -> None:
+    """Ray's notes that say nothing to a user of this command: the token-authentication notice
+    of a local cluster, Serve's "Started Serve" and "Connecting to existing Serve app", and the
+    raylet's 25-line death notice (the watchdog says it in one line). `-v` keeps them all."""
+    if verbose:
+        return
+    import ray._private.worker as ray_worker
+    import ray.serve  # noqa: F401  (configures Serve's logger when first imported)
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # The driver's error listener prints what the cluster pushes through this function.
+    print_to_stdstream = getattr(ray_worker, "print_to_stdstream", None)
+    if print_to_stdstream is not None:
+
+        def without_raylet_death(data: dict, ignore_prefix: bool) -> None:
+            lines = data.get("lines") or [""]
+            if data.get("pid") == "raylet" and str(lines[0]).startswith("Raylet is terminated"):
+                return
+            print_to_stdstream(data, ignore_prefix)
+
+        ray_worker.print_to_stdstream = without_raylet_death
+
+
+def _error(message: str) -> None:
+    print(f"sinkserve: error: {message}", file=sys.stderr, flush=True)
