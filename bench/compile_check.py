@@ -5,8 +5,8 @@ not: shape mismatches in binary ops, types that differ between the branches of a
 sizes `tl.dot` refuses. This script installs a stand-in driver that reports an sm_90 target and
 turns every launch into a compile (Triton's own `warmup` path, down to a cubin through the ptxas
 Triton ships), then runs real engine paths on CPU tensors: the graph decode step (decode_prep and
-the whole-layer kernels, at 1 and 256 rows), mixed and prefill steps op by op, an fp8 arena, and
-programmatic dependent launch. Outputs are garbage (nothing runs); what matters is that every
+the op kernels, at 1, 128 and 256 rows), a mixed step and a prefill step, with an arena in the
+model dtype and an fp8 arena. Outputs are garbage (nothing runs); what matters is that every
 kernel compiles. For each it prints registers, spills and shared memory (cuobjdump's report).
 
     python bench/compile_check.py
@@ -34,7 +34,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from sinkcache.config import PRESETS, CacheGeometry
 from sinkcache.core.arena import FP8, KVArena
-from sinkcache.core.attention import triton_tiles
 from sinkcache.core.attention.backend import triton_backend
 from sinkcache.core.model import Transformer
 from sinkcache.core.plan import PrefillChunk, StepPlan
@@ -99,14 +98,9 @@ def exercise(shape, kv_dtype, rows: int, label: str) -> None:
         arena.allocate()
     runner = ModelRunner(model, arena, triton_backend())
     slots = torch.arange(rows)
-    runner.decode_step_tensors(slots, SamplerVariant.GREEDY)  # graph decode: decode_prep, fused
-    os.environ["SINKSERVE_FUSED_ROWS"] = "0"
-    try:
-        runner.decode_step_tensors(slots, SamplerVariant.GREEDY)  # op by op
-        chunks = [PrefillChunk(0, list(range(300)), 0)]
-        runner.forward_logits(StepPlan(decode_slots=[1] if rows > 1 else [], prefill=chunks))
-    finally:
-        os.environ.pop("SINKSERVE_FUSED_ROWS", None)
+    runner.decode_step_tensors(slots, SamplerVariant.GREEDY)  # graph decode: decode_prep, layers
+    chunks = [PrefillChunk(0, list(range(300)), 0)]
+    runner.forward_logits(StepPlan(decode_slots=[1] if rows > 1 else [], prefill=chunks))
     print(f"  {label}: {len(COMPILED)} kernels compiled so far", flush=True)
 
 
@@ -127,16 +121,13 @@ def main() -> int:
         ("llama3-8b fp8", small(PRESETS["llama3-8b"]), FP8, 1),
     ]
     failures = 0
-    for pdl in (False, True):
-        triton_tiles.set_pdl(pdl)
-        for name, shape, kv_dtype, rows in cases:
-            label = f"{name} x{rows}" + (" +pdl" if pdl else "")
-            try:
-                exercise(shape, kv_dtype, rows, label)
-            except Exception as error:  # report every failing case
-                failures += 1
-                print(f"FAILED {label}: {type(error).__name__}: {error}", flush=True)
-    triton_tiles.set_pdl(False)
+    for name, shape, kv_dtype, rows in cases:
+        label = f"{name} x{rows}"
+        try:
+            exercise(shape, kv_dtype, rows, label)
+        except Exception as error:  # report every failing case
+            failures += 1
+            print(f"FAILED {label}: {type(error).__name__}: {error}", flush=True)
     torch.empty, torch.empty_like = empty, empty_like
     for key, kernel in sorted(COMPILED.items()):
         print(f"{key:45s} {resources(kernel)}")

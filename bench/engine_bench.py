@@ -10,14 +10,11 @@ by evicting one token per step (batch 1 and batched), and the paper's sliding wi
 re-computation (every token recomputed from the last sink + window tokens).
 
 `graph ms` replays the captured graph of the bucket the step uses (the one for B sessions).
-Variants (`--variants`): `fused` (the default engine: small batches take the whole-layer kernels of
-sinkcache.core.ops.triton_linear), `unfused` (op-by-op kernels and cuBLAS at every batch), and
-`+pdl` on either (programmatic dependent launch). `--kv-dtype fp8_e4m3` measures the fp8 arena;
-its roofline counts its own bytes (codes + scales).
+`--kv-dtype fp8_e4m3` measures the fp8 arena; its roofline counts its own bytes (codes + scales).
 
     python bench/engine_bench.py --json docs/bench_engine.json --plot docs/throughput_vs_sessions.png
     python bench/engine_bench.py --rows "smollm2-135m:1020:1,256;llama3-8b:1020:128" \
-        --variants unfused,fused,fused+pdl --no-baselines --json rows.json
+        --kv-dtype auto,fp8_e4m3 --no-baselines --json rows.json
 """
 
 from __future__ import annotations
@@ -25,10 +22,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import time
-from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -36,7 +31,6 @@ import torch
 
 from sinkcache.config import PRESETS, CacheGeometry, EngineConfig, shape_to_hf_config
 from sinkcache.core.arena import FP8, KV_DTYPES, kv_bytes_per_slot
-from sinkcache.core.attention import triton_tiles
 from sinkcache.core.runner import DECODE_BUCKETS
 from sinkcache.core.sampling import SamplerVariant
 from sinkcache.host.builder import build_core
@@ -74,30 +68,6 @@ class _Null:
 
     def fail(self, error) -> None:
         raise error
-
-
-@contextmanager
-def variant_settings(variant: str):
-    """Engine kernel choices for one measurement, optionally with `+pdl`: `fused` (the engine's
-    default: whole-layer kernels up to triton_linear.fused_rows(shape) rows), `fusedall` (at every
-    batch size), `unfused` (never)."""
-    previous = os.environ.get("SINKSERVE_FUSED_ROWS")
-    base = variant.removesuffix("+pdl")
-    if base == "unfused":
-        os.environ["SINKSERVE_FUSED_ROWS"] = "0"
-    elif base == "fusedall":
-        os.environ["SINKSERVE_FUSED_ROWS"] = str(1 << 30)
-    elif base != "fused":
-        raise ValueError(f"unknown variant {variant!r}")
-    triton_tiles.set_pdl(variant.endswith("+pdl"))
-    try:
-        yield
-    finally:
-        triton_tiles.set_pdl(False)
-        if previous is None:
-            os.environ.pop("SINKSERVE_FUSED_ROWS", None)
-        else:
-            os.environ["SINKSERVE_FUSED_ROWS"] = previous
 
 
 def fill_random(arena) -> None:
@@ -266,7 +236,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="a few configurations only")
     parser.add_argument("--rows", help='e.g. "smollm2-135m:1020:1,256;llama3-8b:1020:128"')
-    parser.add_argument("--variants", default="fused", help="fused, unfused, fused+pdl, ...")
     parser.add_argument("--kv-dtype", default="auto", help="auto, fp8_e4m3, or both: auto,fp8_e4m3")
     parser.add_argument("--no-baselines", action="store_true", help="skip HF and recompute")
     args = parser.parse_args()
@@ -282,7 +251,6 @@ def main() -> None:
         plans = {"smollm2-135m": {1020: [1, 256]}, "llama3-8b": {1020: [128]}}
     if args.rows:
         plans = parse_rows(args.rows)
-    variants = args.variants.split(",")
     kv_dtypes = args.kv_dtype.split(",")
     rows: list[dict] = []
     baselines: list[dict] = []
@@ -314,38 +282,33 @@ def main() -> None:
                     if batch * geometry_bytes > 0.85 * free:
                         print(f"{preset} cache {sink}+{window} B={batch} {kv_dtype}: does not fit")
                         continue
-                    for variant in variants:
-                        try:
-                            with variant_settings(variant):
-                                result = engine_decode(
-                                    loaded, sink, window, batch, args.steps, kv_dtype
-                                )
-                        except Exception as error:  # keep the other rows
-                            print(f"{preset} B={batch} {variant} {kv_dtype}: FAILED {error!r}")
-                            gc.collect()
-                            torch.cuda.empty_cache()
-                            continue
-                        roof = batch * bandwidth / (weight_bytes + batch * geometry_bytes)
-                        row = {
-                            "model": preset,
-                            "sink": sink,
-                            "window": window,
-                            "sessions": batch,
-                            "variant": variant,
-                            "kv_dtype": kv_dtype,
-                            **result,
-                            "roofline_tokens_per_s": roof,
-                            "pct_roofline": 100 * result["tokens_per_s"] / roof,
-                        }
-                        rows.append(row)
-                        save()
-                        print(
-                            f"{preset:13s} cache {sink}+{window:<5d} B={batch:<5d} "
-                            f"{variant:14s} kv={kv_dtype:8s} step {row['step_ms']:8.3f} ms"
-                            f" (graph {row['graph_ms']:7.3f})  {row['tokens_per_s']:10.0f} tok/s"
-                            f"  roofline {roof:10.0f}  {row['pct_roofline']:5.1f}%",
-                            flush=True,
-                        )
+                    try:
+                        result = engine_decode(loaded, sink, window, batch, args.steps, kv_dtype)
+                    except Exception as error:  # keep the other rows
+                        print(f"{preset} B={batch} {kv_dtype}: FAILED {error!r}")
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        continue
+                    roof = batch * bandwidth / (weight_bytes + batch * geometry_bytes)
+                    row = {
+                        "model": preset,
+                        "sink": sink,
+                        "window": window,
+                        "sessions": batch,
+                        "kv_dtype": kv_dtype,
+                        **result,
+                        "roofline_tokens_per_s": roof,
+                        "pct_roofline": 100 * result["tokens_per_s"] / roof,
+                    }
+                    rows.append(row)
+                    save()
+                    print(
+                        f"{preset:13s} cache {sink}+{window:<5d} B={batch:<5d} "
+                        f"kv={kv_dtype:8s} step {row['step_ms']:8.3f} ms"
+                        f" (graph {row['graph_ms']:7.3f})  {row['tokens_per_s']:10.0f} tok/s"
+                        f"  roofline {roof:10.0f}  {row['pct_roofline']:5.1f}%",
+                        flush=True,
+                    )
         del loaded
         gc.collect()
         torch.cuda.empty_cache()
@@ -381,11 +344,7 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    engine = [
-        r
-        for r in data["engine"]
-        if r.get("variant", "fused") == "fused" and r.get("kv_dtype", "auto") == "auto"
-    ]
+    engine = [r for r in data["engine"] if r.get("kv_dtype", "auto") == "auto"]
     for ax, preset in zip(axes, ("smollm2-135m", "llama3-8b"), strict=True):
         for window in sorted({r["window"] for r in engine if r["model"] == preset}):
             rows = [r for r in engine if r["model"] == preset and r["window"] == window]

@@ -1,16 +1,15 @@
 """Where a decode step's GPU time goes: a torch-profiler pass over N replays of the step's graph.
 
-For each (model shape, sessions, variant, kv dtype) it builds the decoding engine engine_bench
-builds (every slot full and wrapped, every session generating greedily), replays the captured
-step N times under torch.profiler (CUDA activity only: kernels, copies, memsets), and reports per
-step: the wall span (first kernel start to last kernel end, over N), the kernel time (sum of
-durations), the busy time (union of the kernel intervals: programmatic dependent launch lets
-kernels overlap), the gaps (wall minus busy), kernels per step and per layer, and a table of
-kernels by name (count per step, time per step, share, time each). The same step's replay time
-without the profiler is `graph ms`.
+For each (model shape, sessions, kv dtype) it builds the decoding engine engine_bench builds
+(every slot full and wrapped, every session generating greedily), replays the captured step N
+times under torch.profiler (CUDA activity only: kernels, copies, memsets), and reports per step:
+the wall span (first kernel start to last kernel end, over N), the kernel time (sum of
+durations), the busy time (union of the kernel intervals), the gaps (wall minus busy), kernels
+per step and per layer, and a table of kernels by name (count per step, time per step, share,
+time each). The same step's replay time without the profiler is `graph ms`.
 
     python bench/profile_step.py --rows "smollm2-135m:1020:1,256;llama3-8b:1020:128" \\
-        --variants unfused,fused --json profile.json
+        --kv-dtype auto,fp8_e4m3 --json profile.json
 """
 
 from __future__ import annotations
@@ -24,21 +23,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from engine_bench import (
-    decoding_core,
-    parse_rows,
-    random_loaded,
-    step_graph,
-    time_graph,
-    variant_settings,
-)
+from engine_bench import decoding_core, parse_rows, random_loaded, step_graph, time_graph
 from torch.profiler import ProfilerActivity, profile
 
 from sinkcache.config import PRESETS
 
 CATEGORIES = [  # (category, pattern on the kernel name), first match wins
     ("attention", r"_decode_split|_decode_merge|_prefill_kernel"),
-    ("fused layer", r"_norm_qkv_rope|_norm_gate_up_silu|_linear_kernel"),
     ("gemm (cuBLAS)", r"nvjet|gemm|cutlass|sm90_xmma|splitK|Kernel2"),
     ("add+norm / rope+store / silu", r"_add_rms_norm|_rope_store|_silu_mul"),
     ("decode prep", r"_decode_prep"),
@@ -136,7 +127,6 @@ def profile_graph(graph, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="smollm2-135m:1020:1,256;llama3-8b:1020:128")
-    parser.add_argument("--variants", default="fused")
     parser.add_argument("--kv-dtype", default="auto")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=12, help="kernels listed per configuration")
@@ -149,35 +139,31 @@ def main() -> None:
         for window, batches in caches.items():
             for batch in batches:
                 for kv_dtype in args.kv_dtype.split(","):
-                    for variant in args.variants.split(","):
-                        try:
-                            with variant_settings(variant):
-                                core = decoding_core(loaded, 4, window, batch, kv_dtype)
-                                graph = step_graph(core, batch)
-                                graph_ms = time_graph(graph)
-                                result = profile_graph(graph, args.steps)
-                        except Exception as error:  # keep the other runs
-                            print(f"{preset} B={batch} {variant} {kv_dtype}: FAILED {error!r}")
-                            continue
-                        finally:
-                            core = graph = None
-                            gc.collect()
-                            torch.cuda.empty_cache()
-                        run = {
-                            "model": preset,
-                            "sink": 4,
-                            "window": window,
-                            "sessions": batch,
-                            "variant": variant,
-                            "kv_dtype": kv_dtype,
-                            "graph_ms": graph_ms,
-                            "kernels_per_layer": result.get("kernels_per_step", 0)
-                            / shape.num_layers,
-                            **result,
-                        }
-                        out["runs"].append(run)
-                        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-                        report(run, args.top)
+                    try:
+                        core = decoding_core(loaded, 4, window, batch, kv_dtype)
+                        graph = step_graph(core, batch)
+                        graph_ms = time_graph(graph)
+                        result = profile_graph(graph, args.steps)
+                    except Exception as error:  # keep the other runs
+                        print(f"{preset} B={batch} {kv_dtype}: FAILED {error!r}")
+                        continue
+                    finally:
+                        core = graph = None
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                    run = {
+                        "model": preset,
+                        "sink": 4,
+                        "window": window,
+                        "sessions": batch,
+                        "kv_dtype": kv_dtype,
+                        "graph_ms": graph_ms,
+                        "kernels_per_layer": result.get("kernels_per_step", 0) / shape.num_layers,
+                        **result,
+                    }
+                    out["runs"].append(run)
+                    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+                    report(run, args.top)
         del loaded
         gc.collect()
         torch.cuda.empty_cache()
@@ -188,7 +174,7 @@ def report(run: dict, top: int) -> None:
         print(run["error"])
         return
     print(
-        f"\n{run['model']} 4+{run['window']} B={run['sessions']} {run['variant']} "
+        f"\n{run['model']} 4+{run['window']} B={run['sessions']} "
         f"kv={run['kv_dtype']}: graph {run['graph_ms']:.3f} ms; profiled wall "
         f"{run['wall_ms']:.3f}, kernels {run['kernel_ms']:.3f} (busy {run['busy_ms']:.3f}), gaps "
         f"{run['gaps_ms']:.3f} ms; {run['kernels_per_step']:.0f} kernels/step "

@@ -15,7 +15,9 @@ import random
 import pytest
 import torch
 
+from sinkcache.core.arena import FP8
 from sinkcache.core.attention import reference, triton_decode, triton_prefill
+from sinkcache.core.ops import reference as ops_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -33,12 +35,19 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, case: int) -> None:
+def _assert_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    case: int,
+    tolerance: float | None = None,
+) -> None:
     where = f"(seed {BASE_SEED + case}; replay with SINKSERVE_TEST_SEED={BASE_SEED})"
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     assert out.dtype == ref.dtype == dtype
     assert torch.isfinite(out).all(), f"unwritten (NaN-poisoned) or non-finite outputs {where}"
     err = _rel_err(out, ref)
-    assert err < TOLERANCE[dtype], f"rel err {err:.3e} >= {TOLERANCE[dtype]} {where}"
+    assert err < tolerance, f"rel err {err:.3e} >= {tolerance} {where}"
 
 
 def _arena(slots: int, kv_heads: int, capacity: int, dim: int, dtype: torch.dtype, gen):
@@ -193,6 +202,69 @@ def test_prefill_public_entry_point():
     args = (k_cache, v_cache, row_slots, cu_seqlens, row_seen, sink, window, 0.125)
     out = triton_prefill.prefill_attention(q, q_sink, *args)
     _assert_close(out, reference.prefill_attention(q, q_sink, *args), torch.bfloat16, 300)
+
+
+# ----------------------------------------------------------------------------------------------
+# fp8 arena: e4m3 codes with a float32 scale per token and head, read by both kernels
+
+# Both kernels and the reference see the same codes and scales, so only summation order differs.
+FP8_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _fp8_arena(shape, gen):
+    """K, V codes [N, Hkv, C, D] of random values (keys with a larger range) and their scales."""
+    k = torch.randn(shape, generator=gen)
+    v = torch.randn(shape, generator=gen)
+    k_codes, k_scale = ops_reference.quantize_fp8(k * 3.0)
+    v_codes, v_scale = ops_reference.quantize_fp8(v)
+    return k_codes.to(DEVICE), v_codes.to(DEVICE), k_scale.to(DEVICE), v_scale.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_decode_matches_reference(dtype, num_splits):
+    case = 500 + num_splits + (dtype == torch.bfloat16)
+    gen = _generator(case)
+    group, kv_heads, dim, sink, window, batch = 4, 2, 32, 4, 44, 6
+    heads, capacity = group * kv_heads, sink + window
+    k_cache, v_cache, k_scale, v_scale = _fp8_arena((batch + 2, kv_heads, capacity, dim), gen)
+    assert k_cache.dtype == FP8
+    slots = torch.randperm(batch + 2, generator=gen)[:batch].to(DEVICE)
+    seen = torch.tensor([1, 3, 4, 20, 48, 5000], device=DEVICE)
+    q = torch.randn((batch, heads, dim), generator=gen).to(DEVICE, dtype)
+    q_sink = torch.randn((batch, heads, dim), generator=gen).to(DEVICE, dtype)
+    ref = reference.decode_attention(
+        q, q_sink, k_cache, v_cache, slots, seen, sink, 0.2, k_scale, v_scale
+    )
+    out = torch.full_like(ref, float("nan"))
+    triton_decode.decode_attention_launch(
+        q, q_sink, k_cache, v_cache, slots, seen, sink, 0.2, k_scale=k_scale, v_scale=v_scale,
+        block_n=16, num_splits=num_splits, out=out, poison_partials=True,
+    )  # fmt: skip
+    _assert_close(out, ref, dtype, case, FP8_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_prefill_matches_reference(dtype):
+    case = 600 + (dtype == torch.bfloat16)
+    gen = _generator(case)
+    group, kv_heads, dim, sink, window = 2, 2, 32, 4, 28
+    heads, capacity = group * kv_heads, sink + window
+    rows = [(28, 28), (5, 5), (0, 9), (7, 300)]  # (chunk length, seen after it)
+    lengths = [n for n, _ in rows]
+    k_cache, v_cache, k_scale, v_scale = _fp8_arena((6, kv_heads, capacity, dim), gen)
+    row_slots = torch.randperm(6, generator=gen)[: len(rows)].to(DEVICE)
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(DEVICE)
+    row_seen = torch.tensor([s for _, s in rows]).to(DEVICE)
+    q = torch.randn((sum(lengths), heads, dim), generator=gen).to(DEVICE, dtype)
+    q_sink = torch.randn((sum(lengths), heads, dim), generator=gen).to(DEVICE, dtype)
+    args = (k_cache, v_cache, row_slots, cu, row_seen, sink, window, 0.2)
+    ref = reference.prefill_attention(q, q_sink, *args, k_scale, v_scale)
+    out = torch.full_like(ref, float("nan"))
+    triton_prefill.prefill_attention_launch(
+        q, q_sink, *args, k_scale=k_scale, v_scale=v_scale, block_m=16, block_n=16, out=out
+    )
+    _assert_close(out, ref, dtype, case, FP8_TOLERANCE[dtype])
 
 
 # ----------------------------------------------------------------------------------------------

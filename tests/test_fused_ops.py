@@ -1,10 +1,12 @@
 """The fused Triton ops compute the reference ops (sinkcache.core.ops.reference), and the model forward
-with the Triton backend computes what it computes with the reference backend.
+with the Triton backend computes what it computes with the reference backend: op by op, with an
+fp8 KV arena, and as the graph decode step (decode_prep).
 
 On a machine without CUDA the kernels run in Triton's interpreter (tests/conftest.py). Every case
 draws fresh random data from its own seed, poisons the outputs with NaN so an unwritten element
 fails, and checks that arena positions nobody writes keep their bits. float32: max abs error
 <= 1e-5 (scaled by the largest reference magnitude when above 1); bf16 / fp16: rel err < 1e-2.
+The fp8 store compares by relative error (float32 1e-5, bf16 1e-2).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import random
 import pytest
 import torch
 
-from sinkcache.config import CacheGeometry, ModelShape
-from sinkcache.core.arena import KVArena
+from sinkcache.config import PRESETS, CacheGeometry, ModelShape
+from sinkcache.core.arena import FP8, KVArena, kv_bytes_per_slot, slots_for_budget
+from sinkcache.core.attention import reference as attention_reference
 from sinkcache.core.attention.backend import REFERENCE, triton_backend
 from sinkcache.core.model import Transformer
 from sinkcache.core.ops import reference, triton_fused
 from sinkcache.core.plan import PrefillChunk, StepPlan
+from sinkcache.core.rope import inverse_frequencies
 from sinkcache.core.runner import ModelRunner
+from sinkcache.core.sampling import SamplerVariant
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A fresh base seed per run (printed with any failure); set SINKSERVE_TEST_SEED to replay one.
@@ -204,6 +209,114 @@ def test_silu_mul_matches_reference(tokens, intermediate, dtype):
     _assert_close(out, ref, case, "silu_mul")
 
 
+# ----------------------------------------------------------------------------------------------
+# fp8 arena: the store op
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _close_rel(out: torch.Tensor, ref: torch.Tensor, case: int, what: str) -> None:
+    assert torch.isfinite(out.float()).all(), f"{what}: unwritten or non-finite {_where(case)}"
+    bound = 1e-5 if ref.dtype == torch.float32 else 1e-2
+    err = _rel(out, ref)
+    assert err <= bound, f"{what}: rel err {err:.2e} > {bound} {_where(case)}"
+
+
+def _fp8_arena(shape, gen):
+    """K, V codes of random values (keys with a larger range) and their float32 scales."""
+    k = torch.randn(shape, generator=gen)
+    v = torch.randn(shape, generator=gen)
+    k_codes, k_scale = reference.quantize_fp8(k * 3.0)
+    v_codes, v_scale = reference.quantize_fp8(v)
+    return k_codes.to(DEVICE), v_codes.to(DEVICE), k_scale.to(DEVICE), v_scale.to(DEVICE)
+
+
+def _codes_close(got: torch.Tensor, ref: torch.Tensor, case: int, what: str) -> None:
+    """The same fp8 codes up to rare one-code flips (a rotated key a float32 rounding away from a
+    code boundary)."""
+    same = (got.view(torch.uint8) == ref.view(torch.uint8)).double().mean().item()
+    assert same >= 0.98, f"{what}: only {same:.1%} of fp8 codes agree {_where(case)}"
+    _close_rel(got.float(), ref.float(), case, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_case_id)
+def test_fp8_rope_store_matches_reference(dtype):
+    case = 400 + (dtype == torch.bfloat16)
+    gen = _generator(case)
+    tokens, heads, kv_heads, dim = 7, 6, 2, 32
+    qkv = _randn((tokens, (heads + 2 * kv_heads) * dim), gen, dtype, 5.0)
+    tables = [(torch.rand((tokens, dim), generator=gen) * 2 - 1).to(DEVICE) for _ in range(4)]
+    k_cache, v_cache, k_scale, v_scale = _fp8_arena((4, kv_heads, 8, dim), gen)
+    position = torch.randperm(32, generator=gen)[:tokens]
+    slots, index = (position // 8).to(DEVICE), (position % 8).to(DEVICE)
+    ref = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
+    ref_q, _ = reference.rope_store(
+        qkv, *tables, ref[0], ref[1], slots, index, heads, kv_heads, ref[2], ref[3]
+    )
+    q, _ = triton_fused.rope_store(
+        qkv, *tables, k_cache, v_cache, slots, index, heads, kv_heads, k_scale, v_scale
+    )
+    _close_rel(q, ref_q, case, "q")
+    _codes_close(k_cache, ref[0], case, "k codes")
+    _codes_close(v_cache, ref[1], case, "v codes")
+    _close_rel(k_scale, ref[2], case, "k scales")
+    _close_rel(v_scale, ref[3], case, "v scales")
+    # What was written dequantises to the input within e4m3's half-ulp (2^-4 relative).
+    written = attention_reference.dequantize(
+        k_cache[slots, :, index], k_scale[slots, :, index]
+    )  # [T, Hkv, D]
+    v_in = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim).float()
+    v_back = attention_reference.dequantize(v_cache[slots, :, index], v_scale[slots, :, index])
+    assert written.shape == v_back.shape
+    assert ((v_back - v_in).abs() <= v_in.abs().amax(-1, keepdim=True) / 16 + 1e-6).all()
+
+
+def test_fp8_arena_halves_the_bytes():
+    shape, geometry = PRESETS["smollm2-135m"], CacheGeometry(4, 1020)
+    bf16, fp8 = (
+        kv_bytes_per_slot(shape, geometry, torch.bfloat16),
+        kv_bytes_per_slot(shape, geometry, FP8),
+    )
+    assert fp8 == bf16 // 2 + 2 * 30 * 3 * 4 * 1024  # codes + a float32 scale per token and head
+    budget = 100 * 2**30
+    ratio = slots_for_budget(shape, geometry, FP8, budget) / slots_for_budget(
+        shape, geometry, torch.bfloat16, budget
+    )
+    assert 1.85 < ratio <= 2.0
+    arena = KVArena(shape.replace(num_layers=2), CacheGeometry(4, 12), 3, torch.float32, "cpu", FP8)
+    assert arena.quantized and arena.k.dtype == FP8 and arena.k_scale.shape == (2, 4, 3, 16)
+    assert arena.layer_scales(1)[0].shape == (4, 3, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_prep
+
+
+def test_decode_prep_matches_reference():
+    gen = _generator(300)
+    shape = PRESETS["llama3-8b"]  # llama3 rope scaling: inv_freq not a plain power law
+    inv_freq, scaling = inverse_frequencies(shape)
+    rows = 12
+    seen = torch.tensor([0, 3, 4, 5, 1023, 1024, 1025, 10**7, 4 * 10**9, 17, 2048, 1])
+    base = torch.randint(0, 10**9, (rows,), generator=gen) * (torch.arange(rows) % 2)
+    next_token = torch.randint(0, 1000, (rows,), generator=gen)
+    slots = torch.randperm(rows, generator=gen)
+    args = [t.to(DEVICE) for t in (slots, seen, base, next_token, inv_freq)]
+    got = triton_fused.decode_prep(*args, scaling, 4, 1020)
+    ref = reference.decode_prep(*args, scaling, 4, 1020)
+    for name, g, r in zip(
+        ("token", "index", "seen", "cos", "sin", "sink_cos", "sink_sin"), got, ref, strict=True
+    ):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        if g.dtype == torch.int64:
+            assert torch.equal(g, r), name
+        else:  # angles identical in float64; cos/sin within a few float32 ulp
+            assert (g - r).abs().max().item() < 1e-6, name
+
+
 def test_empty_batches_launch_nothing():
     x = torch.empty((0, 48), device=DEVICE)
     normed, residual = triton_fused.add_rms_norm(x, x, torch.ones(48, device=DEVICE), 1e-5)
@@ -283,3 +396,91 @@ def test_triton_backend_forward_matches_reference_backend():
     for tensor in ("k", "v"):
         got, ref = getattr(arenas["triton"], tensor), getattr(arenas["reference"], tensor)
         assert (got - ref).abs().max().item() < 1e-5, f"arena {tensor} differs"
+
+
+def _runners(model, kv_dtypes, slots: int = 5):
+    """{(backend, kv dtype): runner} over identical arenas (odd slots far into their streams)."""
+    runners = {}
+    for name, backend in (("reference", REFERENCE), ("triton", triton_backend())):
+        for kv_dtype in kv_dtypes:
+            arena = KVArena(TINY, CacheGeometry(4, 12), slots, torch.float32, DEVICE, kv_dtype)
+            for i in range(slots):
+                arena.allocate(base=(10**6 if i % 2 else 0))
+            runners[name, kv_dtype] = ModelRunner(model, arena, backend)
+    return runners
+
+
+def _run_steps(runners, gen, steps):
+    """Feed the same steps to every runner; returns {key: [logits per step]}."""
+    streams = torch.randint(0, TINY.vocab_size, (5, 60), generator=gen).tolist()
+    fed = {key: [0] * 5 for key in runners}
+    logits = {key: [] for key in runners}
+    for decode_slots, prefill in steps:
+        for key, runner in runners.items():
+            f = fed[key]
+            tokens = [streams[s][f[s]] for s in decode_slots]
+            for s in decode_slots:
+                f[s] += 1
+            chunks = []
+            for s, n in prefill:
+                chunks.append(PrefillChunk(s, streams[s][f[s] : f[s] + n], f[s]))
+                f[s] += n
+            plan = StepPlan(decode_slots=decode_slots, prefill=chunks)
+            logits[key].append(runner.forward_logits(plan, decode_tokens=tokens))
+    return logits
+
+
+STEPS = [
+    ([], [(0, 10), (1, 12), (2, 3), (3, 1)]),
+    ([0, 1, 2, 3], []),  # decode only
+    ([0, 1, 2, 3], [(4, 9)]),
+    ([1, 2, 3, 4, 0], []),
+    ([0, 1, 2, 3, 4], [(1, 7)]),  # slot 1 wraps its ring
+    ([4, 3, 2, 1, 0], []),
+]
+
+
+def test_forward_with_fp8_arena_matches_reference_backend():
+    """Mixed, decode-only and wrapping steps against the reference backend, with a float32 arena
+    and with an fp8 arena (both backends quantising)."""
+    model = _tiny_model(BASE_SEED + 700)
+    runners = _runners(model, (torch.float32, FP8))
+    logits = _run_steps(runners, _generator(700), STEPS)
+    for kv_dtype, bound in ((torch.float32, 1e-4), (FP8, 1e-3)):
+        for step, (got, ref) in enumerate(
+            zip(logits["triton", kv_dtype], logits["reference", kv_dtype], strict=True)
+        ):
+            assert ref.abs().max() > 0.5
+            err = (got - ref).abs().max().item() / ref.abs().max().item()
+            assert err < bound, f"{kv_dtype} step {step}: {err:.2e} {_where(700)}"
+    # fp8 against a float32 arena: the format's error, small but not zero
+    for got, ref in zip(
+        logits["reference", FP8][1:], logits["reference", torch.float32][1:], strict=True
+    ):
+        err = _rel(got, ref)
+        assert 0 < err < 0.15, f"fp8 arena vs float32 arena: rel err {err:.3e}"
+
+
+def test_graph_decode_step_matches_eager_decode():
+    """decode_step_tensors (decode_prep + the layers + sampling: what a CUDA graph captures)
+    produces the tokens and arena state the eager reference path produces."""
+    model = _tiny_model(BASE_SEED + 900)
+    runners = _runners(model, (torch.float32,), slots=4)
+    for runner in runners.values():
+        plan = StepPlan(prefill=[PrefillChunk(s, [1 + s, 7, 9, 11 + s], 0) for s in range(4)])
+        runner.execute(plan).wait()
+    slots = torch.tensor([2, 0, 3, 1], device=DEVICE)
+    tokens = {}
+    for key, runner in runners.items():
+        produced = []
+        for _ in range(3):
+            if key[0] == "triton":
+                produced.append(runner.decode_step_tensors(slots, SamplerVariant.GREEDY).tolist())
+            else:
+                result = runner.execute(StepPlan(decode_slots=slots.tolist())).wait()
+                produced.append(result.decode_tokens.tolist())
+        tokens[key[0]] = produced
+    assert tokens["triton"] == tokens["reference"]
+    arenas = {key[0]: runner.arena for key, runner in runners.items()}
+    assert torch.equal(arenas["triton"].seen, arenas["reference"].seen)
+    assert (arenas["triton"].k - arenas["reference"].k).abs().max() < 1e-5

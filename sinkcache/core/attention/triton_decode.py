@@ -14,7 +14,6 @@ shapes alone (B, Hkv, C), never from `seen`, so the launch is CUDA-graph captura
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,10 +22,7 @@ import triton.language as tl
 from sinkcache.core.attention.triton_tiles import (
     LOG2E,
     dot_f32,
-    gdc_enter,
     load_kv_tile,
-    pdl_enabled,
-    pdl_launch,
     running_interpreted,
     tile_count,
 )
@@ -154,14 +150,12 @@ def _decode_split_kernel(
     QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     MAX_TILES: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One (row, kv_head, split): attend the group's queries to the split's keys in the row's slot.
 
     The splits partition the recent region [sink_end, C) into runs of `split_len` positions; split
     0 also owns the sink tiles [0, sink_end), the only ones that need the q_sink product.
     """
-    gdc_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -246,10 +240,8 @@ def _decode_merge_kernel(
     num_splits,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One (row, head): merge the partial outputs of the splits that held valid keys."""
-    gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     n_valid = tl.minimum(tl.load(seen_ptr + row), capacity).to(tl.int32)
@@ -333,28 +325,6 @@ DECODE_CONFIGS = {
 DECODE_CONFIG_OVERRIDE: dict = {}
 
 
-@dataclass
-class DecodePartials:
-    """Split-K partial results of a decode launch, left for the consumer to merge (the fused
-    o_proj of sinkcache.core.ops.triton_linear merges them in its prologue, saving a launch).
-
-    lse [B, H, splits] and out [B, H, splits, D], float32; split s > 0 of row b holds data iff
-    sink_end + s * split_len < min(seen[b], capacity) (split 0 always does)."""
-
-    out: torch.Tensor
-    lse: torch.Tensor
-    seen: torch.Tensor
-    capacity: int
-    sink_end: int
-    split_len: int
-    num_splits: int
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        batch, heads, _, head_dim = self.out.shape
-        return batch, heads, head_dim
-
-
 def decode_attention_launch(
     q: torch.Tensor,
     q_sink: torch.Tensor,
@@ -374,14 +344,12 @@ def decode_attention_launch(
     use_dot: bool | None = None,
     out: torch.Tensor | None = None,
     poison_partials: bool = False,
-    merge: bool = True,
-) -> torch.Tensor | DecodePartials:
+) -> torch.Tensor:
     """decode_attention with the launch choices exposed (tests use small tiles and forced splits).
 
     `k_scale`, `v_scale` [N, Hkv, C] float32: the per-position scales of an fp8 arena.
     `poison_partials` fills the split partials with NaN first, so a merge that reads one no split
-    wrote shows up in the output (tests only). `merge=False` returns the split partials unmerged
-    (DecodePartials) when the launch splits.
+    wrote shows up in the output (tests only).
     """
     batch, heads, head_dim = q.shape
     _, kv_heads, capacity, _ = k_cache.shape
@@ -400,9 +368,8 @@ def decode_attention_launch(
         k_scale = v_scale = k_cache  # unused
     q = q if q.stride(-1) == 1 else q.contiguous()
     q_sink = q_sink if q_sink.stride(-1) == 1 else q_sink.contiguous()
-    dtype = q.dtype
     if out is None:
-        out = torch.empty(q.shape, device=q.device, dtype=dtype)  # [B, H, D]
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # [B, H, D]
     if batch == 0:
         return out
 
@@ -443,22 +410,17 @@ def decode_attention_launch(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SINK=sink, SINK_TILES=sink_tiles,
         BLOCK_N=block_n, SINGLE_SPLIT=single, USE_DOT=use_dot, QUANT=quant,
         INTERPRETER=interpreter, MAX_TILES=tiles_per_split if interpreter else 0,
-        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
     )  # fmt: skip
-    if single:
-        return out
-    if not merge:
-        return DecodePartials(part_out, part_lse, seen, capacity, sink_end, split_len, num_splits)
-    _decode_merge_kernel[(batch, heads)](
-        part_out, part_lse, seen, out,
-        out.stride(0), out.stride(1),
-        heads, capacity, sink_end, split_len, num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-        PDL=pdl_enabled(), **pdl_launch(),
-        num_warps=4 if head_dim >= 128 else 2,
-    )  # fmt: skip
+    if not single:
+        _decode_merge_kernel[(batch, heads)](
+            part_out, part_lse, seen, out,
+            out.stride(0), out.stride(1),
+            heads, capacity, sink_end, split_len, num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            num_warps=4 if head_dim >= 128 else 2,
+        )  # fmt: skip
     return out
 
 
@@ -473,16 +435,12 @@ def decode_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    *,
-    merge: bool = True,
-) -> torch.Tensor | DecodePartials:
+) -> torch.Tensor:
     """One query per row. q, q_sink [B, H, D]; slots, seen [B] -> [B, H, D] in q's dtype.
 
     Same function as reference.decode_attention: keys j < min(seen, C) of slot `slots[b]`
-    (dequantised by `k_scale`, `v_scale` for an fp8 arena). `merge=False`: see
-    decode_attention_launch.
+    (dequantised by `k_scale`, `v_scale` for an fp8 arena).
     """
     return decode_attention_launch(
-        q, q_sink, k_cache, v_cache, slots, seen, sink, scale,
-        k_scale=k_scale, v_scale=v_scale, merge=merge,
-    )  # fmt: skip
+        q, q_sink, k_cache, v_cache, slots, seen, sink, scale, k_scale=k_scale, v_scale=v_scale
+    )

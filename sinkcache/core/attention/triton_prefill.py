@@ -23,10 +23,7 @@ import triton.language as tl
 from sinkcache.core.attention.triton_tiles import (
     LOG2E,
     dot_f32,
-    gdc_enter,
     load_kv_tile,
-    pdl_enabled,
-    pdl_launch,
     running_interpreted,
     tile_count,
 )
@@ -145,10 +142,8 @@ def _prefill_kernel(
     QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     MAX_TILES: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One (query block, row, kv_head): BLOCK_Q queries x GROUP heads against the row's slot."""
-    gdc_enter(PDL)
     q_block = tl.program_id(0)
     row = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -306,7 +301,6 @@ def prefill_attention_launch(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SINK=sink, SINK_TILES=sink_tiles,
         BLOCK_Q=block_q, BLOCK_N=block_n, QUANT=quant,
         INTERPRETER=interpreter, MAX_TILES=recent_tiles if interpreter else 0,
-        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
     )  # fmt: skip

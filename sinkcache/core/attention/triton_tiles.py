@@ -20,48 +20,14 @@ probabilities before the PV product.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sinkcache.core.arena import FP8_MAX, FP8_MIN_SCALE_AMAX
 
 LOG2E = 1.4426950408889634
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _FP8_MIN_SCALE_AMAX = tl.constexpr(FP8_MIN_SCALE_AMAX)
-
-
-# Programmatic dependent launch (Hopper): a kernel launched with it may start while the kernel
-# before it in the stream finishes; it waits (griddepcontrol.wait) before touching anything that
-# kernel wrote, so only its launch latency overlaps. Off unless SINKSERVE_PDL=1 / set_pdl(True):
-# on the H200 it gained 1-6% on the whole-layer kernels and nothing on the default path
-# (bench/engine_bench.py --variants ...+pdl; docs/BENCHMARKS.md, section 7).
-_pdl = os.environ.get("SINKSERVE_PDL", "0") == "1"
-
-
-def set_pdl(enabled: bool) -> None:
-    global _pdl
-    _pdl = enabled
-
-
-def pdl_enabled() -> bool:
-    return _pdl and os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-
-def pdl_launch() -> dict:
-    """Launch options to pass with PDL=pdl_enabled() (the two must agree)."""
-    return {"launch_pdl": True} if pdl_enabled() else {}
-
-
-@triton.jit
-def gdc_enter(PDL: tl.constexpr):
-    """First statement of every kernel launched with pdl_launch(): wait for the kernel before to
-    finish (its writes visible), then let the next one launch."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 def running_interpreted(kernel) -> bool:

@@ -1,7 +1,6 @@
 """Fused decoder ops in plain PyTorch: exactly what the model computed op by op before fusion.
 
-These are the CPU path and the definition the Triton kernels (triton_fused.py, triton_linear.py)
-are tested against.
+These are the CPU path and the definition the Triton kernels (triton_fused.py) are tested against.
 """
 
 from __future__ import annotations
@@ -83,58 +82,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-# ----------------------------------------------------------------------------------------------
-# whole small-batch layer pieces (sinkcache.core.ops.triton_linear does each in one launch)
-
-
-def norm_qkv_rope(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    sink_cos: torch.Tensor,
-    sink_sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    write_index: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """add_rms_norm, the qkv projection, then rope_store: (q, q_sink, new_residual)."""
-    normed, new_residual = add_rms_norm(x, residual, norm_weight, eps)
-    q, q_sink = rope_store(
-        F.linear(normed, weight, bias), cos, sin, sink_cos, sink_sin, k_cache, v_cache, slots,
-        write_index, num_heads, num_kv_heads, k_scale, v_scale,
-    )  # fmt: skip
-    return q, q_sink, new_residual
-
-
-def norm_gate_up_silu(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """add_rms_norm, the gate/up projection, then silu_mul: (silu(gate) * up, new_residual)."""
-    normed, new_residual = add_rms_norm(x, residual, norm_weight, eps)
-    return silu_mul(F.linear(normed, weight)), new_residual
-
-
-def linear(
-    a: torch.Tensor, weight: torch.Tensor, *, kind: str = "", dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """a [T, K] @ weight^T (nn.Linear without bias)."""
-    return F.linear(a, weight)
 
 
 def decode_prep(

@@ -28,14 +28,11 @@ import triton.language as tl
 
 from sinkcache.core.attention.triton_tiles import (
     fp8_scale,
-    gdc_enter,
-    pdl_enabled,
-    pdl_launch,
     quantize_fp8,
     running_interpreted,
 )
 
-# A third Triton 3.6 interpreter workaround (see triton_decode.py for the other two): its float32 ->
+# One more Triton 3.6 interpreter workaround (see triton_tiles.py for the others): its float32 ->
 # bfloat16 cast truncates where the GPU (and PyTorch) round to nearest even, so under INTERPRETER
 # `round_to` rounds by hand. Only the CPU test path takes that branch.
 
@@ -90,10 +87,8 @@ def _add_rms_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     INTERPRETER: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One token row: new_residual = residual + x; normed = weight * rms_normalise(new_residual)."""
-    gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     in_row = offs < HIDDEN
@@ -145,7 +140,6 @@ def add_rms_norm(
         eps,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
         INTERPRETER=running_interpreted(_add_rms_norm_kernel),
-        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=_num_warps(block, x.element_size()),
     )  # fmt: skip
     return out, new_residual
@@ -226,13 +220,11 @@ def _rope_store_kernel(
     HALF_PAD: tl.constexpr,
     QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One token row. Its H + 2 Hkv heads (q, then k, then v) are one [ROWS_PAD, D] tile, held
     as two [ROWS_PAD, D/2] halves: q rows are rotated both ways and stored to q and q_sink, k rows
     rotated and stored to the arena, v rows stored to the arena as they are. One tile shape for
     every head keeps each thread on a 16-byte run however few k/v heads there are."""
-    gdc_enter(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     K_START: tl.constexpr = NUM_HEADS
     V_START: tl.constexpr = NUM_HEADS + NUM_KV_HEADS
@@ -377,7 +369,6 @@ def rope_store(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, ROWS_PAD=rows_pad,
         HEAD_DIM=head_dim, HALF_PAD=half_pad, QUANT=quant,
         INTERPRETER=running_interpreted(_rope_store_kernel),
-        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=_num_warps(rows_pad * half_pad, qkv.element_size()),
     )  # fmt: skip
     return q, q_sink
@@ -396,10 +387,8 @@ def _silu_mul_kernel(
     INTERMEDIATE: tl.constexpr,
     BLOCK: tl.constexpr,
     INTERPRETER: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One (row, block): out = silu(gate) * up, each product rounded as F.silu(gate) * up is."""
-    gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     act_dtype: tl.constexpr = out_ptr.dtype.element_ty
@@ -442,7 +431,6 @@ def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch
         gate_up, out, gate_up.stride(0), out.stride(0),
         INTERMEDIATE=intermediate, BLOCK=block,
         INTERPRETER=running_interpreted(_silu_mul_kernel),
-        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=_num_warps(block, gate_up.element_size()),
     )  # fmt: skip
     return out
@@ -487,10 +475,8 @@ def _decode_prep_kernel(
     WINDOW: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One decode row: its token, write index, counter and both rotations (reference.decode_prep)."""
-    gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + row).to(tl.int64)
     t = tl.load(seen_ptr + slot)
@@ -535,7 +521,6 @@ def decode_prep(
             slots, seen, base, next_token, inv_freq, token_ids, index, seen_after, *tables,
             float(scaling),
             SINK=sink, WINDOW=window, HALF=half, HALF_PAD=triton.next_power_of_2(half),
-            PDL=pdl_enabled(), **pdl_launch(),
             num_warps=1,
         )  # fmt: skip
     return (token_ids, index, seen_after, *tables)

@@ -1,11 +1,11 @@
-"""Launch-shape sweeps, timed as what the engine runs: the replay of a whole decode step's graph.
+"""Decode attention launch-shape sweep, timed as what the engine runs: the replay of a whole decode
+step's graph.
 
-One decoding engine per (shape, sessions, kv dtype) (engine_bench's set-up); for each candidate the
-step's graph is captured again with that candidate's launch options and its replay timed. Linear
-candidates set sinkcache.core.ops.triton_linear.CONFIG_OVERRIDE (all four whole-layer kernels);
-decode candidates set triton_decode.DECODE_CONFIG_OVERRIDE.
+One decoding engine per (shape, sessions, kv dtype) (engine_bench's set-up); for each candidate
+(triton_decode.DECODE_CONFIG_OVERRIDE) the step's graph is captured again with that candidate's
+launch options and its replay timed.
 
-    python bench/fused_sweep.py --rows "smollm2-135m:1020:1,256" --sweep linear --json sweep.json
+    python bench/decode_sweep.py --rows "smollm2-135m:2044:1024" --kv-dtype fp8_e4m3 --json sweep.json
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 from datetime import date
 from pathlib import Path
@@ -22,23 +21,8 @@ import torch
 from engine_bench import decoding_core, parse_rows, random_loaded, step_graph, time_graph
 
 from sinkcache.core.attention import triton_decode
-from sinkcache.core.ops import triton_linear
 
-KINDS = ("qkv", "gate_up", "o_proj", "down")
-LINEAR = {
-    "default": {},
-    "n32": {"block_n": 32},
-    "n64": {"block_n": 64},
-    "k64": {"block_k": 64},
-    "k256": {"block_k": 256},
-    "s2": {"num_stages": 2},
-    "s4": {"num_stages": 4},
-    "w2": {"num_warps": 2},
-    "w8": {"num_warps": 8},
-    "m32": {"block_m": 32},
-    "m64": {"block_m": 64},
-}
-DECODE = {
+CANDIDATES = {
     "default": {},
     "w8": {"num_warps": 8},
     "n256": {"block_n": 256},
@@ -50,32 +34,24 @@ DECODE = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", default="smollm2-135m:1020:1,256")
-    parser.add_argument("--sweep", default="linear", choices=("linear", "decode"))
+    parser.add_argument("--rows", default="smollm2-135m:2044:1024")
     parser.add_argument("--kv-dtype", default="auto")
-    parser.add_argument("--fused-rows", type=int, default=1 << 30, help="SINKSERVE_FUSED_ROWS")
     parser.add_argument("--budget-s", type=float, default=120, help="stop starting candidates")
-    parser.add_argument("--json", default="fused_sweep.json")
+    parser.add_argument("--json", default="decode_sweep.json")
     args = parser.parse_args()
-    os.environ["SINKSERVE_FUSED_ROWS"] = str(args.fused_rows)
     started = time.perf_counter()
     out = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name(), "runs": []}
-    candidates = LINEAR if args.sweep == "linear" else DECODE
     for preset, caches in parse_rows(args.rows).items():
         loaded = random_loaded(preset)
         for window, batches in caches.items():
             for batch in batches:
                 core = decoding_core(loaded, 4, window, batch, args.kv_dtype)
-                for name, options in candidates.items():
+                for name, options in CANDIDATES.items():
                     if time.perf_counter() - started > args.budget_s:
                         print("sweep budget spent")
                         break
-                    if args.sweep == "linear":
-                        triton_linear.CONFIG_OVERRIDE.clear()
-                        triton_linear.CONFIG_OVERRIDE.update({k: options for k in KINDS})
-                    else:
-                        triton_decode.DECODE_CONFIG_OVERRIDE.clear()
-                        triton_decode.DECODE_CONFIG_OVERRIDE.update(options)
+                    triton_decode.DECODE_CONFIG_OVERRIDE.clear()
+                    triton_decode.DECODE_CONFIG_OVERRIDE.update(options)
                     try:
                         core.runner._graphs.clear()
                         core.runner._graph_pool = None  # a fresh pool: the old graphs are gone
@@ -91,7 +67,7 @@ def main() -> None:
                         "window": window,
                         "sessions": batch,
                         "kv_dtype": args.kv_dtype,
-                        "sweep": args.sweep,
+                        "sweep": "decode",
                         "candidate": name,
                         "options": options,
                         "graph_ms": graph_ms,
@@ -99,11 +75,10 @@ def main() -> None:
                     out["runs"].append(run)
                     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
                     print(
-                        f"{preset} 4+{window} B={batch} kv={args.kv_dtype} {args.sweep} "
+                        f"{preset} 4+{window} B={batch} kv={args.kv_dtype} decode "
                         f"{name:8s} graph {graph_ms:.4f} ms",
                         flush=True,
                     )
-                triton_linear.CONFIG_OVERRIDE.clear()
                 triton_decode.DECODE_CONFIG_OVERRIDE.clear()
                 del core
                 gc.collect()
