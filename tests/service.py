@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from deployments.settings import AppSettings
 
@@ -37,3 +40,14 @@ def running_service(**overrides) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def run_sinkserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`sinkserve ARGS` as a new user runs it (from the repository root), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "sinkserve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+    )

@@ -5,8 +5,6 @@ refused with one line. No Ray is started here."""
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from deployments.settings import AppSettings
 from sinkcache.config import PRESETS
 from sinkserve.cli import build_parser
 from sinkserve.preflight import resolve_settings
+from tests.service import free_port, run_sinkserve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,16 +22,6 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return dict(sub.choices)
-
-
-def _sinkserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sinkserve.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 @pytest.mark.parametrize("command", sorted(_subcommands()))
@@ -66,7 +55,7 @@ def test_model_help_lists_every_random_preset() -> None:
 
 
 def test_version() -> None:
-    done = _sinkserve("--version")
+    done = run_sinkserve("--version")
     assert done.returncode == 0
     assert done.stdout.startswith("sinkserve ")
 
@@ -92,7 +81,7 @@ def test_config_file_precedence_defaults_file_flags(tmp_path: Path) -> None:
 def test_config_file_through_the_command(tmp_path: Path) -> None:
     config = tmp_path / "sinkserve.yaml"
     config.write_text("window: 100\nslots: 8\nmodel: tiny\nport: 50123\n")
-    done = _sinkserve("serve", "--config", str(config), "--window", "50", "--dry-run")
+    done = run_sinkserve("serve", "--config", str(config), "--window", "50", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert "window: 50\n" in done.stdout and "slots: 8\n" in done.stdout
     assert "model: tiny\n" in done.stdout and "port: 50123\n" in done.stdout
@@ -112,7 +101,7 @@ def test_config_file_through_the_command(tmp_path: Path) -> None:
 def test_config_file_errors_are_one_line(tmp_path: Path, content: str, says: str) -> None:
     config = tmp_path / "sinkserve.yaml"
     config.write_text(content)
-    done = _sinkserve("serve", "--config", str(config), "--dry-run")
+    done = run_sinkserve("serve", "--config", str(config), "--dry-run")
     assert done.returncode == 2
     assert done.stdout == ""
     (line,) = done.stderr.splitlines()
@@ -120,7 +109,7 @@ def test_config_file_errors_are_one_line(tmp_path: Path, content: str, says: str
 
 
 def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
-    done = _sinkserve("serve", "--config", str(tmp_path / "nope.yaml"))
+    done = run_sinkserve("serve", "--config", str(tmp_path / "nope.yaml"))
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert "cannot read the config file" in line and "No such file" in line
@@ -145,14 +134,8 @@ def test_stats_table_fits_a_terminal() -> None:
 
 
 def test_stats_against_nothing_is_one_line() -> None:
-    port = _free_port()
-    done = _sinkserve("stats", "--target", f"127.0.0.1:{port}", "--timeout", "2")
+    port = free_port()
+    done = run_sinkserve("stats", "--target", f"127.0.0.1:{port}", "--timeout", "2")
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"sinkserve: error: 127.0.0.1:{port} did not answer: UNAVAILABLE")
-
-
-def _free_port() -> int:
-    from tests.service import free_port
-
-    return free_port()

@@ -20,19 +20,9 @@ from deployments.app import build_app
 from deployments.checks import SettingsError, check_port_free
 from sinkcache.models.spec import ModelSpecError, check_model_spec
 from sinkserve.serving import startup_failure
-from tests.service import free_port
+from tests.service import free_port, run_sinkserve
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _sinkserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sinkserve.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 def _one_line_error(done: subprocess.CompletedProcess, says: str) -> None:
@@ -54,7 +44,7 @@ def _one_line_error(done: subprocess.CompletedProcess, says: str) -> None:
 )
 def test_serve_refuses_bad_settings_in_one_line_before_ray(args: list[str], says: str) -> None:
     started = time.monotonic()
-    done = _sinkserve("serve", *args)
+    done = run_sinkserve("serve", *args)
     assert done.returncode == 2
     _one_line_error(done, says)
     assert done.stdout == ""
@@ -66,7 +56,7 @@ def test_serve_refuses_a_taken_port_in_one_line() -> None:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = _sinkserve("serve", "--model", "tiny", "--port", str(port))
+        done = run_sinkserve("serve", "--model", "tiny", "--port", str(port))
     assert done.returncode == 2
     _one_line_error(done, f"port {port} on 0.0.0.0 is in use")
 
@@ -77,7 +67,7 @@ def test_eval_ppl_refuses_bad_settings_in_one_line() -> None:
         (["--model", "/models/nope"], "does not exist"),
         (["--mode", "fast"], "unknown mode 'fast'"),
     ]:
-        done = _sinkserve("eval-ppl", *args)
+        done = run_sinkserve("eval-ppl", *args)
         assert done.returncode == 2
         _one_line_error(done, says)
 
