@@ -13,6 +13,7 @@ from ray.serve import Application
 from deployments.directory import ReplicaDirectory
 from deployments.gateway import Gateway
 from deployments.replica import SessionReplica
+from deployments.secrets import resolve_resume_secret
 from deployments.settings import AppSettings
 
 
@@ -22,9 +23,20 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def _single_node(settings: AppSettings) -> bool:
+    """Whether the whole app runs on one node (then it may make its resume secret up)."""
+    import ray
+
+    if settings.gateways > 1 or settings.gateway_resource:
+        return False
+    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n["Alive"]) <= 1
+
+
 def build_app(args: dict[str, Any] | AppSettings | None = None) -> Application:
     """Build the application from settings (a dict of strings from `serve run` / KubeRay works)."""
     settings = args if isinstance(args, AppSettings) else AppSettings.from_args(args)
+    settings.validate()
+    settings.resume_secret = resolve_resume_secret(settings.resume_secret, _single_node(settings))
     gpus = settings.gpus_per_replica
     if gpus is None:
         gpus = 1 if _cluster_has_gpus() else 0

@@ -11,6 +11,7 @@ import logging
 
 from ray import serve
 
+from deployments.gateway_guard import GatewayGuard, gateway_credentials
 from deployments.gateway_service import GatewayService
 from deployments.settings import AppSettings
 
@@ -22,18 +23,32 @@ class Gateway:
     async def __init__(self, settings: AppSettings, directory, replicas) -> None:
         self.directory = directory
         self.replicas = replicas  # bound so Serve deploys the replicas with the app
-        self.service = GatewayService()
-        self.server = await self.service.start(settings.host, settings.port)
+        self.gateway_id = serve.get_replica_context().replica_id.unique_id
+        self.service = GatewayService(GatewayGuard.from_settings(settings))
+        host = settings.listen_host
+        self.server = await self.service.start(
+            host, settings.port, credentials=gateway_credentials(settings)
+        )
         self._poll = asyncio.get_running_loop().create_task(self._watch_directory())
-        log.info("gateway listening on %s:%d", settings.host, settings.port)
+        log.info("gateway listening on %s:%d", host, settings.port)
 
     async def _watch_directory(self) -> None:
+        quotas = self.service.guard.quotas
         while True:
             try:
                 await self.service.update(await self.directory.replicas.remote())
+                # tokens_per_s holds across gateways: trade what each charged to which key
+                others = await self.directory.share_charges.remote(
+                    self.gateway_id, quotas.take_charges()
+                )
+                quotas.charge_others(others)
             except Exception:
                 log.warning("cannot read the replica directory", exc_info=True)
             await asyncio.sleep(0.5)
+
+    def backends(self) -> int:
+        """Replicas this gateway routes to (readiness, without a client's credentials)."""
+        return len(self.service.backends)
 
     async def check_health(self) -> None:
         if self._poll.done():

@@ -16,7 +16,7 @@ import logging
 from ray import serve
 
 from deployments.metrics import ReplicaMetrics
-from deployments.session_service import start_replica_server
+from deployments.session_service import owner_counts, start_replica_server
 from deployments.settings import AppSettings
 
 log = logging.getLogger("ray.serve")
@@ -36,10 +36,12 @@ class SessionReplica:
         loop = asyncio.get_running_loop()
         self.engine = await start_engine(settings.engine, in_process=not settings.engine_process)
         self.metrics = ReplicaMetrics(self.replica_id)
+        # The node's (pod's) address only, never every interface: gateways reach it there.
+        host = ray.util.get_node_ip_address()
         self.server, self.sessions, self.health, port = await start_replica_server(
-            self.engine, self.replica_id, settings
+            self.engine, self.replica_id, settings, host=host
         )
-        self.address = f"{ray.util.get_node_ip_address()}:{port}"
+        self.address = f"{host}:{port}"
         self.directory = directory
         self._tasks = [
             loop.create_task(self.sessions.expire()),
@@ -56,6 +58,7 @@ class SessionReplica:
             "slots_free": stats.slots_free,
             "slots_total": stats.slots_total,
             "sessions": stats.sessions,
+            "owners": owner_counts(self.sessions),  # for the gateways' max_sessions quotas
         }
 
     async def _heartbeat(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,12 +17,30 @@ import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deployments.convert import append_input, generation_params, server_message, status_for
-from deployments.resume import resume_token, token_matches
+from deployments.backpressure import ReplyBuffer
+from deployments.convert import (
+    append_input,
+    generation_params,
+    rejected_message,
+    server_message,
+    status_for,
+)
+from deployments.internal import (
+    FROM_REPLICA,
+    NO_FREE_SLOT,
+    OWNER_KEY,
+    GatewaysOnly,
+    error_mark,
+    internal_token,
+    metadata_value,
+)
+from deployments.quotas import SessionOwners
+from deployments.resume import check_resume, resume_token
 from deployments.settings import AppSettings
-from sinkcache.errors import SessionNotFoundError
+from sinkcache.errors import ArenaFullError, InvalidRequestError, SessionNotFoundError
+from sinkcache.events import TurnEndEvent
 from sinkcache.host.protocol import Engine, SessionInfo
-from sinkwire.options import SERVER_OPTIONS
+from sinkwire.options import server_options
 from sinkwire.session_ids import new_session_id
 from sinkwire.status import StreamError
 from sinkwire.v1 import streaming_llm_pb2 as pb
@@ -30,6 +49,16 @@ from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _END = object()  # ends a stream normally
+# Appends a stream may have waiting for their turn; past it the stream stops reading the client
+# (HTTP/2 flow control then holds the client's writes), so a client cannot queue without bound.
+MAX_QUEUED_TURNS = 64
+
+
+class _Rejected:
+    """An append refused on its own: its place in the stream's turns, and why."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class ReplicaSessions:
@@ -41,12 +70,13 @@ class ReplicaSessions:
         self.settings = settings
         self.attached: dict[str, asyncio.Queue] = {}
         self.detached_since: dict[str, float] = {}
+        self.owners = SessionOwners()  # the API key name each session belongs to
 
-    def opened_message(self, info: SessionInfo, resumed: bool) -> pb.ServerMessage:
+    def opened_message(self, info: SessionInfo, resumed: bool, owner: str = "") -> pb.ServerMessage:
         return pb.ServerMessage(
             opened=pb.Opened(
                 session_id=info.session_id,
-                resume_token=resume_token(self.settings.resume_secret, info.session_id),
+                resume_token=resume_token(self.settings.resume_secret, info.session_id, owner),
                 replica_id=self.replica_id,
                 sink_tokens=info.sink,
                 window_tokens=info.window,
@@ -59,9 +89,10 @@ class ReplicaSessions:
         )
 
     async def attach(
-        self, first: pb.ClientMessage, out: asyncio.Queue
+        self, first: pb.ClientMessage, out: asyncio.Queue, owner: str = ""
     ) -> tuple[str, pb.ServerMessage]:
-        """Open or resume the session the stream's first message names; the stream now owns it."""
+        """Open or resume the session the stream's first message names; the stream now owns it.
+        `owner` is the API key name the gateway vouches for ("" without keys)."""
         kind = first.WhichOneof("kind")
         if kind == "open":
             info = await self.engine.open_session(new_session_id(self.replica_id))
@@ -71,10 +102,13 @@ class ReplicaSessions:
             if not session_id:
                 raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "resume needs a session_id")
             # The token first: a caller without it learns nothing and makes nothing wait.
-            if not token_matches(
-                self.settings.resume_secret, session_id, first.resume.resume_token
-            ):
-                raise StreamError(grpc.StatusCode.PERMISSION_DENIED, "wrong resume token")
+            check_resume(
+                self.settings.resume_secret,
+                session_id,
+                first.resume.resume_token,
+                owner,
+                self.owners.get(session_id),
+            )
             info = await self.engine.session_info(session_id, settled=True)
             resumed = True
         else:
@@ -89,7 +123,8 @@ class ReplicaSessions:
             )
         self.attached[info.session_id] = out
         self.detached_since.pop(info.session_id, None)
-        return info.session_id, self.opened_message(info, resumed)
+        self.owners.record(info.session_id, owner)
+        return info.session_id, self.opened_message(info, resumed, owner)
 
     def detach(self, session_id: str, out: asyncio.Queue, closed: bool) -> None:
         if self.attached.get(session_id) is not out:
@@ -128,15 +163,18 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
         self.engine = sessions.engine
 
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.ServerMessage]:
-        out: asyncio.Queue = asyncio.Queue()
+        out = ReplyBuffer(self.sessions.settings.max_buffered_tokens)
+        owner = metadata_value(context.invocation_metadata(), OWNER_KEY) or ""
         session_id, closed, reader = None, False, None
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            session_id, opened = await self.sessions.attach(first, out)
+            session_id, opened = await self.sessions.attach(first, out, owner)
+            out.watch(functools.partial(self.engine.hold_decode, session_id))
             yield opened
-            reader = asyncio.create_task(self._read(request_iterator, session_id, out))
+            position = opened.opened.stream_position
+            reader = asyncio.create_task(self._read(request_iterator, session_id, out, position))
             while True:
                 item = await out.get()
                 if item is _END:
@@ -150,26 +188,29 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             status = status_for(error)
             if status.code == grpc.StatusCode.INTERNAL:
                 log.exception("session stream failed")
-            await context.abort(status.code, status.message)
+            mark = NO_FREE_SLOT if isinstance(error, ArenaFullError) else FROM_REPLICA
+            await context.abort(status.code, status.message, trailing_metadata=error_mark(mark))
         finally:
             if reader is not None:
                 reader.cancel()
             if session_id is not None:
+                if self.sessions.attached.get(session_id) is out:
+                    out.release()  # before detach cancels the reply: a held reply must drain
                 self.sessions.detach(session_id, out, closed)
 
-    async def _read(self, request_iterator, session_id: str, out: asyncio.Queue) -> None:
-        """Client messages in, one turn at a time out (turns run in order, as the engine does)."""
-        turns: asyncio.Queue = asyncio.Queue()
-        forwarder = asyncio.create_task(self._forward(turns, out))
+    async def _read(
+        self, request_iterator, session_id: str, out: asyncio.Queue, position: int
+    ) -> None:
+        """Client messages in, one turn at a time out (turns run in order, as the engine does).
+        An append that is invalid on its own becomes a REJECTED turn in its place; only messages
+        out of protocol end the stream."""
+        turns: asyncio.Queue = asyncio.Queue(MAX_QUEUED_TURNS)
+        forwarder = asyncio.create_task(self._forward(turns, out, position))
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "append":
-                    append = message.append
-                    stream = await self.engine.append(
-                        session_id, append_input(append), generation_params(append), append.score
-                    )
-                    turns.put_nowait(stream)
+                    await turns.put(await self._submit(session_id, message.append))
                 elif kind == "cancel":
                     await self.engine.cancel(session_id)
                 elif kind == "close":
@@ -198,13 +239,34 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
         finally:
             forwarder.cancel()
 
-    async def _forward(self, turns: asyncio.Queue, out: asyncio.Queue) -> None:
+    async def _submit(self, session_id: str, append: pb.Append) -> AsyncIterator | _Rejected:
+        """The append's event stream, or its rejection if it is invalid on its own."""
+        try:
+            item, params = append_input(append), generation_params(append)
+            return await self.engine.append(session_id, item, params, append.score)
+        except InvalidRequestError as error:
+            return _Rejected(error)
+        except StreamError as error:
+            if error.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            return _Rejected(error)
+
+    async def _forward(self, turns: asyncio.Queue, out: asyncio.Queue, position: int) -> None:
+        """Each turn's events as messages, in order; `position` follows the stream so that a
+        rejected turn can say where the stream stands."""
         replica_id = self.sessions.replica_id
         while True:
-            stream = await turns.get()
+            turn = await turns.get()
             try:
-                async for event in stream:
+                if isinstance(turn, _Rejected):
+                    out.put_nowait(rejected_message(turn.error, position, replica_id))
+                    continue
+                async for event in turn:
+                    if isinstance(event, TurnEndEvent):
+                        position = event.stream_pos
                     out.put_nowait(server_message(event, replica_id))
+            except InvalidRequestError as error:  # refused when its turn came (nothing to feed)
+                out.put_nowait(rejected_message(error, position, replica_id))
             except Exception as error:
                 out.put_nowait(status_for(error))
             finally:
@@ -219,6 +281,11 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             slots_used=stats.slots_used,
             slots_free=stats.slots_free,
         )
+
+
+def owner_counts(sessions: ReplicaSessions) -> dict[str, int]:
+    """Sessions held here by API key name: what gateways count against `max_sessions`."""
+    return sessions.owners.counts(sessions.attached.keys() | sessions.detached_since.keys())
 
 
 async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
@@ -239,21 +306,28 @@ async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
         process_rss_bytes=psutil.Process().memory_info().rss + stats.engine_rss_bytes,
         decode_tokens=stats.decode_tokens,
         prefill_tokens=stats.prefill_tokens,
+        sessions_by_key=owner_counts(sessions),
+        decode_held=stats.decode_held,
     )
 
 
 async def start_replica_server(
-    engine: Engine, replica_id: str, settings: AppSettings, port: int = 0
+    engine: Engine, replica_id: str, settings: AppSettings, port: int = 0, host: str = "127.0.0.1"
 ) -> tuple[grpc.aio.Server, ReplicaSessions, health.aio.HealthServicer, int]:
-    """Serve `engine`'s sessions on `port` (0: any free port); returns the bound port too."""
+    """Serve `engine`'s sessions on `host`:`port` (0: any free port); returns the bound port too.
+    `host` is the address gateways reach this node by (the pod's, on Kubernetes), never all of
+    them, and only callers with the internal credential are served (deployments/internal.py)."""
     sessions = ReplicaSessions(engine, replica_id, settings)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=server_options(max_message_bytes=settings.max_message_bytes),
+        interceptors=[GatewaysOnly(internal_token(settings.resume_secret))],
+    )
     pb_grpc.add_StreamingLLMServicer_to_server(SessionServicer(sessions), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    bound = server.add_insecure_port(f"0.0.0.0:{port}")
+    bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise RuntimeError(f"cannot listen on port {port}")
+        raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, sessions, health_service, bound

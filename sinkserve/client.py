@@ -10,6 +10,14 @@
 
 A session outlives its stream: keep `session_id` and `resume_token` and call `resume` to continue it
 on a new connection. The CLI (`sinkserve chat`) and the load tester use this module.
+
+Credentials (an API key, TLS roots, a client certificate) are a `Credentials`; without one the
+client reads SINKSERVE_API_KEY, SINKSERVE_CA, SINKSERVE_CLIENT_CERT/KEY and SINKSERVE_TLS:
+
+    session = await AsyncSession.open(target, credentials=Credentials(api_key=key, ca="ca.pem"))
+
+An append refused on its own ends with a TurnEnd whose reason is REJECTED (`detail` says why);
+the session and the stream go on.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ from typing import Any
 
 import grpc
 
+from sinkwire.channels import Credentials, aio_channel, sync_channel
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 GenerationParams = pb.GenerationParams
+__all__ = ["AsyncSession", "Credentials", "GenerationParams", "Reply", "Session", "SessionError"]
 
 
 class SessionError(Exception):
@@ -103,8 +113,15 @@ class AsyncSession:
 
     # -- constructors ------------------------------------------------------------------------------
     @classmethod
-    async def open(cls, target: str, channel: grpc.aio.Channel | None = None) -> AsyncSession:
-        return await cls._start(target, channel, pb.ClientMessage(open=pb.Open()))
+    async def open(
+        cls,
+        target: str,
+        channel: grpc.aio.Channel | None = None,
+        credentials: Credentials | None = None,
+    ) -> AsyncSession:
+        """A new session; `channel` (made with `sinkwire.channels.aio_channel`) is shared and
+        left open, else one is made with `credentials` (default: from the environment)."""
+        return await cls._start(target, channel, pb.ClientMessage(open=pb.Open()), credentials)
 
     @classmethod
     async def resume(
@@ -113,16 +130,17 @@ class AsyncSession:
         session_id: str,
         resume_token: str,
         channel: grpc.aio.Channel | None = None,
+        credentials: Credentials | None = None,
     ) -> AsyncSession:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return await cls._start(target, channel, message)
+        return await cls._start(target, channel, message, credentials)
 
     @classmethod
-    async def _start(cls, target, channel, first) -> AsyncSession:
+    async def _start(cls, target, channel, first, credentials=None) -> AsyncSession:
         own = channel is None
-        channel = channel or grpc.aio.insecure_channel(target)
+        channel = channel or aio_channel(target, credentials)
         call = pb_grpc.StreamingLLMStub(channel).Session()
         try:
             await call.write(first)
@@ -220,27 +238,39 @@ class AsyncSession:
 class Session:
     """One session over one bidirectional stream (blocking)."""
 
-    def __init__(self, target: str, first: pb.ClientMessage) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, first: pb.ClientMessage, credentials: Credentials | None = None
+    ) -> None:
+        self._channel = sync_channel(target, credentials)
         self._requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._requests.put(first)
         stub = pb_grpc.StreamingLLMStub(self._channel)
         self._responses = stub.Session(iter(self._requests.get, None))
-        message = self.receive()
-        if not message.HasField("opened"):
-            raise SessionError(grpc.StatusCode.UNKNOWN, "stream did not start with Opened")
+        try:
+            message = self.receive()
+            if not message.HasField("opened"):
+                raise SessionError(grpc.StatusCode.UNKNOWN, "stream did not start with Opened")
+        except SessionError:
+            self.disconnect()
+            raise
         self.opened = message.opened
 
     @classmethod
-    def open(cls, target: str) -> Session:
-        return cls(target, pb.ClientMessage(open=pb.Open()))
+    def open(cls, target: str, credentials: Credentials | None = None) -> Session:
+        return cls(target, pb.ClientMessage(open=pb.Open()), credentials)
 
     @classmethod
-    def resume(cls, target: str, session_id: str, resume_token: str) -> Session:
+    def resume(
+        cls,
+        target: str,
+        session_id: str,
+        resume_token: str,
+        credentials: Credentials | None = None,
+    ) -> Session:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return cls(target, message)
+        return cls(target, message, credentials)
 
     session_id = property(lambda self: self.opened.session_id)
     resume_token = property(lambda self: self.opened.resume_token)

@@ -24,6 +24,7 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from sinkserve.client import AsyncSession, SessionError
+from sinkwire.channels import Credentials, aio_channel
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
@@ -88,6 +89,7 @@ class LoadConfig:
     # A reply stream silent this long counts as DEADLINE_EXCEEDED (and the session is resumed),
     # so a stalled server shows up as errors instead of a load test that never ends.
     stall_timeout_s: float = 60.0
+    credentials: Credentials | None = None  # None: from the environment (SINKSERVE_API_KEY, ...)
 
 
 @dataclass
@@ -206,8 +208,11 @@ async def _turn(
     stats.turns += 1
 
 
+_NOT_ADMIN = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
 async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Event) -> None:
-    async with grpc.aio.insecure_channel(config.target) as channel:
+    async with aio_channel(config.target, config.credentials) as channel:
         stub = pb_grpc.StreamingLLMStub(channel)
         while True:
             try:
@@ -224,6 +229,8 @@ async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Eve
                     }
                 )
             except grpc.aio.AioRpcError as error:
+                if error.code() in _NOT_ADMIN:  # server figures need an admin key: go without
+                    return
                 stats.error(error.code())
             try:
                 await asyncio.wait_for(stop.wait(), config.stats_interval_s)
@@ -259,7 +266,7 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
     stop = asyncio.Event()
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_concurrent_streams", 100_000)]
     channels = [
-        grpc.aio.insecure_channel(config.target, options=options) for _ in range(config.channels)
+        aio_channel(config.target, config.credentials, options) for _ in range(config.channels)
     ]
     sampler = asyncio.create_task(_sample_server(config, stats, stop))
     progress = asyncio.create_task(_progress(stats, stop, live))
