@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from deployments.gateway_guard import GatewayGuard, gateway_credentials
-from deployments.gateway_service import GatewayService
+from deployments.gateway_service import SESSION_METHOD, GatewayService
 from deployments.internal import gateway_metadata, internal_token
 from deployments.secrets import resolve_resume_secret
 from deployments.session_service import owner_counts, start_replica_server
 from deployments.settings import AppSettings
+from sinkwire.channels import Credentials, aio_channel
+from sinkwire.v1 import streaming_llm_pb2 as pb
 from tests.service import free_port
 
 REPLICA_ID = "r0"
@@ -112,3 +117,40 @@ class LocalService:
 
     def internal_metadata(self, owner: str = "") -> tuple[tuple[str, str], ...]:
         return gateway_metadata(internal_token(self.settings.resume_secret), owner)
+
+
+@dataclass
+class Ended:
+    """How one stream went: the server messages it got, then its status."""
+
+    messages: list[pb.ServerMessage]
+    code: grpc.StatusCode
+    details: str
+
+    def kinds(self) -> list[str]:
+        return [m.WhichOneof("kind") for m in self.messages]
+
+    def turn_ends(self) -> list[pb.TurnEnd]:
+        return [m.turn_end for m in self.messages if m.HasField("turn_end")]
+
+
+async def exchange(
+    address: str,
+    messages: list[pb.ClientMessage | bytes],
+    credentials: Credentials | None = None,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+    options: list[tuple[str, Any]] = (),
+    timeout: float = 60,
+) -> Ended:
+    """Send `messages` (or raw bytes) on a fresh stream, finish sending, read it to its end."""
+    raw = [m if isinstance(m, bytes) else m.SerializeToString() for m in messages]
+    async with aio_channel(address, credentials or Credentials(), options) as channel:
+        call = channel.stream_stream(SESSION_METHOD)(iter(raw), metadata=metadata)
+        received = []
+        try:
+            async with asyncio.timeout(timeout):
+                async for reply in call:
+                    received.append(pb.ServerMessage.FromString(reply))
+        except grpc.aio.AioRpcError as error:
+            return Ended(received, error.code(), error.details() or "")
+        return Ended(received, await call.code(), await call.details() or "")
