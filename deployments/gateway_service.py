@@ -177,11 +177,11 @@ class GatewayService:
     async def session(self, request_iterator, context) -> AsyncIterator[bytes]:
         guard = self.guard
         try:
-            principal = await guard.authenticate(context)
             requests = aiter(request_iterator)
-            raw_first = await anext(requests, None)
-            if raw_first is None:
+            raw_first = await anext(requests, None)  # first: a client whose write raced the
+            if raw_first is None:  # refusal would be told INTERNAL by its gRPC library
                 return
+            principal = await guard.authenticate(context)
             first = guard.first_message(raw_first, principal)
             candidates = self._candidates(first)
         except StreamError as error:

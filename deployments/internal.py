@@ -84,6 +84,8 @@ async def _refuse(request, context) -> None:
 
 
 async def _refuse_streaming(request, context):
+    if hasattr(request, "__aiter__"):  # take the first message, so that the caller's write does
+        await anext(aiter(request), None)  # not race the refusal (its library says INTERNAL)
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
     yield  # never reached: makes this an async generator, as streaming handlers are
 

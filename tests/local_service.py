@@ -32,7 +32,14 @@ class LocalService:
     """Start with `with LocalService(slots=8) as service:`; `service.address` is the gateway."""
 
     def __init__(self, engine_process: bool = True, poll_s: float = 0.2, **settings: Any) -> None:
-        values = {"model": "tiny", "slots": 8, "window": 60, "torch_threads": 1, **settings}
+        values = {
+            "model": "tiny",
+            "slots": 8,
+            "window": 60,
+            "torch_threads": 1,
+            "host": "127.0.0.1",
+        }
+        values.update(settings)
         self.settings = AppSettings.from_args(values)
         self.settings.engine_process = engine_process
         self.settings.validate()
