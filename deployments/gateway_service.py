@@ -220,8 +220,10 @@ class GatewayService:
         """Relay one stream to `backend`. Client messages after the first wait until the replica
         has answered it, so a refused Open can go on to the next replica with nothing lost."""
         opened = asyncio.Event()
+        feeding: list[asyncio.Task] = []  # the task gRPC feeds the call from (see finally)
 
         async def upstream() -> AsyncIterator[bytes]:
+            feeding.append(asyncio.current_task())
             yield raw_first
             await opened.wait()
             async for raw in requests:
@@ -248,6 +250,10 @@ class GatewayService:
             raise _ReplicaGone() from None
         finally:
             call.cancel()
+            # A call that ended on its own is not cancelled, and gRPC leaves its feeding task
+            # waiting (for `opened`, or the client's next message) until it is collected.
+            for task in feeding:
+                task.cancel()
 
     # -- Stats -------------------------------------------------------------------------------------
     async def stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:

@@ -95,7 +95,7 @@ class ReplicaSessions:
         `owner` is the API key name the gateway vouches for ("" without keys)."""
         kind = first.WhichOneof("kind")
         if kind == "open":
-            info = await self.engine.open_session(new_session_id(self.replica_id))
+            info = await _open_unless_left(self.engine, new_session_id(self.replica_id))
             resumed = False
         elif kind == "resume":
             session_id = first.resume.session_id
@@ -153,6 +153,23 @@ class ReplicaSessions:
                         session_id,
                         self.settings.session_ttl_s,
                     )
+
+
+async def _open_unless_left(engine: Engine, session_id: str) -> SessionInfo:
+    """Open a session; if the stream goes away while it opens (its caller is cancelled), close it
+    once it is open: nobody learned its id, so it would hold its slot forever (found by fuzzing)."""
+    opening = asyncio.ensure_future(engine.open_session(session_id))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+
+        def close_orphan(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                task = asyncio.ensure_future(engine.close(session_id))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        opening.add_done_callback(close_orphan)
+        raise
 
 
 class SessionServicer(pb_grpc.StreamingLLMServicer):

@@ -93,7 +93,8 @@ class LocalService:
         )
         self.address = f"127.0.0.1:{gateway_port}"
         await self._update()
-        self._poller = asyncio.get_running_loop().create_task(self._poll())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._poll()), loop.create_task(self.sessions.expire())]
 
     async def _update(self) -> None:
         stats = await self.engine.stats()
@@ -112,7 +113,8 @@ class LocalService:
             await self._update()
 
     async def _stop(self) -> None:
-        self._poller.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.gateway.close()
         await self.gateway_server.stop(grace=1)
         await self.replica_server.stop(grace=1)

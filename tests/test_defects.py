@@ -242,6 +242,34 @@ async def test_a_client_that_stops_reading_stops_its_session_not_others(service,
         assert (await call.read()).HasField("closed")
 
 
+async def test_a_stream_dropped_while_its_session_opens_leaves_no_session(service, keys) -> None:
+    """Found by fuzzing: a client that dropped its stream while the replica was opening its
+    session left the session in the engine, with its slot, forever (nobody knew its id, so it
+    could neither be resumed nor expire)."""
+    engine = service.engine
+    open_session = engine.open_session
+
+    async def slow_open(*args, **kwargs):  # the command is sent; its answer comes late
+        opening = asyncio.ensure_future(open_session(*args, **kwargs))
+        await asyncio.sleep(1.0)
+        return await opening
+
+    before = service.stats().sessions
+    engine.open_session = slow_open
+    try:
+        from sinkwire.channels import aio_channel
+
+        async with aio_channel(service.address, keys["user"]) as channel:
+            call = pb_grpc.StreamingLLMStub(channel).Session()
+            await call.write(OPEN)
+            await asyncio.sleep(0.5)  # the replica is opening the session now
+            call.cancel()
+        await asyncio.sleep(2.0)
+    finally:
+        engine.open_session = open_session
+    assert service.stats().sessions == before
+
+
 async def _until_generating_stops(service: LocalService, timeout_s: float) -> int:
     """The engine's generated-token count once it stays the same for a second."""
     deadline = time.monotonic() + timeout_s
