@@ -43,3 +43,27 @@ def test_manifest_matches_the_app(path: Path) -> None:
     assert grpc_service["spec"]["ports"][0]["targetPort"] == settings.port
     if settings.gpus_per_replica:
         assert settings.replicas * settings.gpus_per_replica <= gpus
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_keeps_its_secrets_in_secrets(path: Path) -> None:
+    """API keys, TLS and the resume secret come from Kubernetes Secrets mounted in every pod (the
+    gateways and replicas may run on any of them); no secret is written in the manifest."""
+    service, _ = list(yaml.safe_load_all(path.read_text()))
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert "resume_secret" not in app["args"]
+    settings = AppSettings.from_args(app["args"])
+    assert settings.authenticates and settings.listen_host == "0.0.0.0" and not settings.insecure
+    files = [settings.api_keys, settings.tls_cert, settings.tls_key]
+    assert all(files)
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        secret_volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container["env"]}
+            assert "secretKeyRef" in env["SINKSERVE_RESUME_SECRET"]["valueFrom"]
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            for file in files:  # each file lies in a mounted Secret
+                directory = str(Path(file).parent)
+                assert mounts.get(directory) in secret_volumes, (container["name"], file)
