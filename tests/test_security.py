@@ -388,3 +388,33 @@ def test_cli_clients_take_keys_and_tls(service, keys, certs) -> None:
         input="hello\n", capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
+
+
+def test_gateways_share_token_charges_and_count_sessions_by_owner() -> None:
+    from deployments.directory import ReplicaDirectory
+    from deployments.quotas import GatewayQuotas, Quota
+
+    directory = ReplicaDirectory.func_or_class()
+    assert directory.share_charges("g1", {"alice": 10}) == {}  # nobody else yet
+    assert directory.share_charges("g2", {}) == {}
+    assert directory.share_charges("g1", {"alice": 5, "bob": 1}) == {}
+    assert directory.share_charges("g2", {"alice": 2}) == {"alice": 5, "bob": 1}
+    assert directory.share_charges("g1", {}) == {"alice": 2}
+
+    quotas = GatewayQuotas(burst_s=1.0)
+    limited = Quota(max_sessions=2, tokens_per_s=10.0)
+    quotas.replicas_report([{"alice": 1}, {"alice": 0, "bob": 3}])
+    quotas.admit_open("alice", limited)  # 1 reported + this one
+    with pytest.raises(Exception, match="max_sessions quota"):
+        quotas.admit_open("alice", limited)
+    quotas.admit_open("bob", Quota())  # no quota, no limit
+    quotas.replicas_report([{"alice": 1}])  # the new session not reported yet: placed was reset
+    quotas.admit_open("alice", limited)
+    bucket = quotas.bucket("alice", limited)
+    assert bucket.wait_s() == 0
+    quotas.charge("alice", bucket, 30)  # 10 in the bucket: 20 in debt, 2 s to wait
+    assert 1.5 < bucket.wait_s() <= 2.0
+    with pytest.raises(Exception, match="tokens_per_s quota"):
+        quotas.admit_append("alice", limited, bucket)  # more than the 1 s burst to wait
+    quotas.charge_others({"alice": 5, "carol": 7})
+    assert bucket.wait_s() > 2.0 and quotas.take_charges() == {"alice": 30}
