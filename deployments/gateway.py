@@ -1,7 +1,8 @@
-"""Gateway: the public gRPC endpoint (one per node), a thin router in front of the replicas.
+"""Gateway: the public gRPC endpoint, a thin router in front of the replicas.
 
 A Serve shell around deployments.gateway_service.GatewayService: it listens on the public port and
-keeps the service's list of replicas fresh from the directory.
+keeps the service's list of replicas fresh from the directory. Up to `max_gateways_per_node`
+gateways share a node's port (SO_REUSEPORT), so one dying does not close it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ray import serve
 from deployments.gateway_guard import GatewayGuard, gateway_credentials
 from deployments.gateway_service import GatewayService
 from deployments.settings import AppSettings
+from deployments.store import open_store
 
 log = logging.getLogger("ray.serve")
 
@@ -23,11 +25,19 @@ class Gateway:
     async def __init__(self, settings: AppSettings, directory, replicas) -> None:
         self.directory = directory
         self.replicas = replicas  # bound so Serve deploys the replicas with the app
+        self.settings = settings
         self.gateway_id = serve.get_replica_context().replica_id.unique_id
-        self.service = GatewayService(GatewayGuard.from_settings(settings))
+        url = settings.store_url()
+        self.service = GatewayService(
+            open_store(url, settings.session_ttl_s) if url else None,
+            guard=GatewayGuard.from_settings(settings),
+        )
         host = settings.listen_host
         self.server = await self.service.start(
-            host, settings.port, credentials=gateway_credentials(settings)
+            host,
+            settings.port,
+            reuse_port=settings.max_gateways_per_node > 1,
+            credentials=gateway_credentials(settings),
         )
         self._poll = asyncio.get_running_loop().create_task(self._watch_directory())
         log.info("gateway listening on %s:%d", host, settings.port)
@@ -55,7 +65,10 @@ class Gateway:
             raise RuntimeError("the gateway stopped watching the directory")
 
     async def __del__(self) -> None:
+        """Stop taking streams, but keep piping the open ones while the replicas drain (they end
+        each stream with UNAVAILABLE once its session is safe), then close the channels."""
         if hasattr(self, "server"):
+            await self.service.health.enter_graceful_shutdown()
+            await self.server.stop(grace=self.settings.drain_timeout_s + 5)
             self._poll.cancel()
             await self.service.close()
-            await self.server.stop(grace=5)

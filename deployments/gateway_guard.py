@@ -106,6 +106,13 @@ class GatewayGuard:
         return None if bucket is None else Pacing(self.quotas, principal, bucket)
 
     # -- after -----------------------------------------------------------------------------------
+    def moves_on(self, error: grpc.aio.AioRpcError) -> bool:
+        """Whether a refusal before the replica's first answer sends the stream on to the next
+        replica (nothing was created there): a replica that marked itself full, or one that is
+        unavailable (draining, its engine gone, or unreachable). An unmarked RESOURCE_EXHAUSTED
+        (a message over the size limit) is not a full replica."""
+        return error_kind(error) == NO_FREE_SLOT or error.code() == grpc.StatusCode.UNAVAILABLE
+
     def client_status(
         self, error: grpc.aio.AioRpcError, replica_id: str
     ) -> tuple[grpc.StatusCode, str]:

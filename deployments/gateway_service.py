@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from deployments.auth import ANONYMOUS
 from deployments.gateway_guard import GatewayGuard
-from deployments.internal import NO_FREE_SLOT, error_kind
+from deployments.store import SessionStore, StoreUnavailableError
 from sinkwire.options import server_options
 from sinkwire.session_ids import replica_of
 from sinkwire.status import StreamError
@@ -39,6 +40,10 @@ STATS_METHOD = f"/{SERVICE}/Stats"
 # A replica unheard of this long is taken out of routing (its channels closed, its streams ended).
 # Shorter gaps (a long engine step, a slow poll) must not cost sessions their streams.
 REPLICA_STALE_AFTER_S = 5.0
+STORE_TIMEOUT_S = 2.0
+# A replica that left routing this recently may come back (a frozen process, a network split): a
+# Resume for one of its sessions is UNAVAILABLE (try again), not NOT_FOUND.
+REMEMBER_GONE_S = 600.0  # a session-store lookup that takes longer routes by the session id alone
 CHANNELS_PER_REPLICA = 4  # HTTP/2 connections to each replica (spreads streams over them)
 # Each stream's flow-control window towards a replica, fixed (no BDP growth): when a client stops
 # taking a stream's replies, the replica is held back after this much, and its backpressure
@@ -53,6 +58,8 @@ class Backend:
     replica_id: str
     address: str
     slots_free: int = 0
+    held: int = 0  # sessions it holds, with a slot or offloaded
+    accepting: bool = True  # takes new and resumed sessions (not draining, engine alive)
     placed: int = 0  # new sessions sent here since the last directory update
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     _next: int = 0
@@ -78,7 +85,13 @@ class Backend:
 
 
 class _Refused(Exception):
-    """The replica refused to open a session (full): the next one may have room."""
+    """The replica refused the stream before answering it (full, draining, its engine gone):
+    nothing was created there, and the next replica may take it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
 class _ReplicaGone(Exception):
@@ -88,10 +101,17 @@ class _ReplicaGone(Exception):
 class GatewayService:
     """Routing state and the gRPC handlers; `update(infos)` tells it which replicas exist."""
 
-    def __init__(self, guard: GatewayGuard | None = None) -> None:
+    def __init__(
+        self, store: SessionStore | None = None, guard: GatewayGuard | None = None
+    ) -> None:
         self.backends: dict[str, Backend] = {}
         self.health = health.aio.HealthServicer()
+        # Keys, first-message checks, quotas and error wording (deployments/gateway_guard.py).
         self.guard = guard or GatewayGuard()
+        # Where sessions are checkpointed: a Resume goes to the replica holding the session now,
+        # or, when its replica is gone, to one with room, which rebuilds it from there.
+        self.store = store
+        self._gone: dict[str, float] = {}  # replica id -> when it left routing (monotonic)
 
     async def start(
         self,
@@ -130,7 +150,7 @@ class GatewayService:
 
     # -- replicas --------------------------------------------------------------------------------
     async def update(self, infos: list[dict]) -> None:
-        """The replicas that exist now: [{replica_id, address, slots_free}, ...]."""
+        """The replicas that exist now: [{replica_id, address, slots_free, accepting}, ...]."""
         seen = set()
         for info in infos:
             replica_id = info["replica_id"]
@@ -143,10 +163,17 @@ class GatewayService:
                 backend.connect(self.guard.max_message_bytes)
                 self.backends[replica_id] = backend
             backend.slots_free = info["slots_free"]
+            backend.held = info.get("held", 0)
+            backend.accepting = info.get("accepting", True)
             backend.placed = 0
         self.guard.quotas.replicas_report(info.get("owners", {}) for info in infos)
+        now = time.monotonic()
         for replica_id in set(self.backends) - seen:
             await self.backends.pop(replica_id).close()
+            self._gone[replica_id] = now
+        for replica_id, since in list(self._gone.items()):
+            if now - since > REMEMBER_GONE_S or replica_id in self.backends:
+                del self._gone[replica_id]
         await self._set_serving(bool(self.backends))
 
     async def _set_serving(self, serving: bool) -> None:
@@ -158,32 +185,59 @@ class GatewayService:
         for name in ("", SERVICE):
             await self.health.set(name, status)
 
-    def _candidates(self, first: pb.ClientMessage) -> list[Backend]:
+    async def _candidates(self, first: pb.ClientMessage) -> list[Backend]:
         """Backends to try for this stream, best first."""
-        kind = first.WhichOneof("kind")
-        if kind == "resume":
-            session_id = first.resume.session_id
-            backend = self.backends.get(replica_of(session_id))
-            if backend is None:
-                raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id} not found")
-            return [backend]
-        if not self.backends:
+        if first.WhichOneof("kind") == "resume":
+            return await self._resume_candidates(first.resume.session_id)
+        backends = self._by_room()
+        if not backends:
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
-        backends = list(self.backends.values())
-        random.shuffle(backends)  # equal room: spread evenly
-        return sorted(backends, key=lambda b: b.slots_free - b.placed, reverse=True)
+        return backends
+
+    async def _resume_candidates(self, session_id: str) -> list[Backend]:
+        """The replica that holds the session now; if it has none (its replica is gone, or it was
+        offloaded and handed back), any replica with room, which rebuilds it from the store."""
+        opener = self.backends.get(replica_of(session_id))
+        record = None
+        if self.store is not None:
+            try:
+                record = await asyncio.wait_for(self.store.get(session_id), STORE_TIMEOUT_S)
+            except (StoreUnavailableError, TimeoutError):
+                log.warning("session store unavailable; routing %s by its id", session_id)
+        if record is not None:
+            holder = self.backends.get(record.replica_id)
+            if holder is not None and holder.accepting:
+                return [holder]
+            rebuilders = self._by_room()
+            if not rebuilders:
+                raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
+            return rebuilders
+        if opener is None:
+            if replica_of(session_id) in self._gone:  # it may come back: try again later
+                raise StreamError(
+                    grpc.StatusCode.UNAVAILABLE, "the session's replica is unreachable; try again"
+                )
+            raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id} not found")
+        return [opener]
+
+    def _by_room(self) -> list[Backend]:
+        """Replicas taking sessions: the most free slots first, then the fewest sessions held
+        (when every slot is taken, idle sessions leave the GPU: spread what is held evenly)."""
+        backends = [b for b in self.backends.values() if b.accepting]
+        random.shuffle(backends)
+        return sorted(backends, key=lambda b: (b.placed - b.slots_free, b.held + b.placed))
 
     # -- Session ---------------------------------------------------------------------------------
     async def session(self, request_iterator, context) -> AsyncIterator[bytes]:
         guard = self.guard
+        requests = aiter(request_iterator)
+        raw_first = await anext(requests, None)  # first: a client whose write raced a refusal
+        if raw_first is None:  # would be told INTERNAL by its gRPC library
+            return
         try:
-            requests = aiter(request_iterator)
-            raw_first = await anext(requests, None)  # first: a client whose write raced the
-            if raw_first is None:  # refusal would be told INTERNAL by its gRPC library
-                return
             principal = await guard.authenticate(context)
             first = guard.first_message(raw_first, principal)
-            candidates = self._candidates(first)
+            candidates = await self._candidates(first)
         except StreamError as error:
             await context.abort(error.code, error.message)
         pacing = guard.pacing(principal)  # a key with a tokens_per_s quota
@@ -191,6 +245,7 @@ class GatewayService:
             requests = pacing.client_messages(requests)
         metadata = guard.replica_metadata(principal)
         opening = first.WhichOneof("kind") == "open"
+        refusals: list[_Refused] = []
         for backend in candidates:
             if opening:
                 backend.placed += 1
@@ -199,8 +254,9 @@ class GatewayService:
                 async for response in pipe if pacing is None else pacing.replies(pipe):
                     yield response
                 return
-            except _Refused:
-                continue  # another replica may have a free slot
+            except _Refused as refused:
+                refusals.append(refused)
+                continue  # nothing was created there: another replica may take it
             except StreamError as error:  # over a quota while piping
                 await context.abort(error.code, error.message)
             except grpc.aio.AioRpcError as error:
@@ -208,10 +264,17 @@ class GatewayService:
             except _ReplicaGone:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the session's replica {backend.replica_id} is unreachable; resume it later",
+                    f"the session's replica {backend.replica_id} is unreachable; resume the "
+                    "session (with a session store it continues from its last checkpoint)",
                 )
+        if refusals and all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refusals):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot on any replica"
+            )
+        last = refusals[-1] if refusals else None
         await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot on any replica"
+            grpc.StatusCode.UNAVAILABLE,
+            f"no replica could take the stream{f': {last.details}' if last else ''}",
         )
 
     async def _pipe(
@@ -238,8 +301,8 @@ class GatewayService:
                     opened.set()
                 yield response
         except grpc.aio.AioRpcError as error:
-            if first_response and error_kind(error) == NO_FREE_SLOT:
-                raise _Refused() from None
+            if first_response and self.guard.moves_on(error):
+                raise _Refused(*self.guard.client_status(error, backend.replica_id)) from None
             raise
         except asyncio.CancelledError:
             # Not our cancellation (the client leaving): the replica's channel was closed under
@@ -283,6 +346,13 @@ class GatewayService:
             response.slots_total += answer.slots_total
             response.slots_used += answer.slots_used
             response.slots_free += answer.slots_free
+            response.sessions_offloaded += answer.sessions_offloaded
+        response.sessions_stored = -1
+        if self.store is not None:
+            with contextlib.suppress(StoreUnavailableError, TimeoutError):
+                response.sessions_stored = await asyncio.wait_for(
+                    self.store.count(), STORE_TIMEOUT_S
+                )
         return response
 
     async def close(self) -> None:

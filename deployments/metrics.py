@@ -17,7 +17,19 @@ class ReplicaMetrics:
     def __init__(self, replica_id: str) -> None:
         self.tags = {"replica": replica_id}
         keys = ("replica",)
-        self.sessions = Gauge("sinkserve_sessions", "open sessions", tag_keys=keys)
+        self.sessions = Gauge(
+            "sinkserve_sessions", "sessions with a cache slot (resident)", tag_keys=keys
+        )
+        self.offloaded = Gauge(
+            "sinkserve_sessions_offloaded",
+            "sessions held off the GPU (rebuilt on their next message)",
+            tag_keys=keys,
+        )
+        self.checkpoint_failures = Counter(
+            "sinkserve_checkpoint_failures",
+            "session-store writes that failed (they are retried)",
+            tag_keys=keys,
+        )
         self.slots_free = Gauge("sinkserve_slots_free", "free cache slots", tag_keys=keys)
         self.decoding = Gauge("sinkserve_decoding_sessions", "sessions generating", tag_keys=keys)
         self.queue_depth = Gauge(
@@ -35,10 +47,21 @@ class ReplicaMetrics:
         )
         self._last: dict[str, int] = {}
 
-    def record(self, stats: EngineStats, new_step_seconds: list[float] = ()) -> None:
+    def record(
+        self,
+        stats: EngineStats,
+        new_step_seconds: list[float] = (),
+        offloaded: int = 0,
+        checkpoint_failures: int = 0,
+    ) -> None:
         """Refresh from an engine's stats snapshot (call once a second)."""
         tags = self.tags
         self.sessions.set(stats.sessions, tags=tags)
+        self.offloaded.set(offloaded, tags=tags)
+        failed = checkpoint_failures - self._last.get("checkpoint_failures", 0)
+        if failed > 0:
+            self.checkpoint_failures.inc(failed, tags=tags)
+        self._last["checkpoint_failures"] = checkpoint_failures
         self.slots_free.set(stats.slots_free, tags=tags)
         self.decoding.set(stats.decoding, tags=tags)
         self.queue_depth.set(stats.prefill_queue, tags=tags)

@@ -1,9 +1,8 @@
 """Quotas per API key, and who owns which session.
 
-- `max_sessions`: sessions a key may hold at once (each holds a cache slot until closed, expired
-  or moved off the GPU). Replicas know their sessions' owners (`SessionOwners`) and report counts
-  by key; a gateway adds up every replica's report and the opens it placed since, and refuses an
-  Open past the quota.
+- `max_sessions`: sessions a key may hold at once on the replicas (with a cache slot or offloaded
+  there). Replicas know their sessions' owners and report counts by key; a gateway adds up every
+  replica's report and the opens it placed since, and refuses an Open past the quota.
 - `tokens_per_s`: a token bucket (`TokenBucket`, `burst_s` seconds of the rate deep) charged with
   every reply token and every appended input token of the key's streams. While it is empty the
   gateway paces the key's replies (it relays the next message once the bucket has refilled, and
@@ -39,26 +38,6 @@ class Quota:
         if self.tokens_per_s is not None:
             parts.append(f"tokens_per_s={self.tokens_per_s:g}")
         return " ".join(parts) or "none"
-
-
-class SessionOwners:
-    """A replica's sessions by owner (the API key name the gateway vouched for)."""
-
-    def __init__(self) -> None:
-        self._owner: dict[str, str] = {}
-
-    def record(self, session_id: str, owner: str) -> None:
-        self._owner[session_id] = owner
-
-    def get(self, session_id: str) -> str | None:
-        return self._owner.get(session_id)
-
-    def counts(self, live: Iterable[str]) -> dict[str, int]:
-        """Sessions per owner among `live` ids; forgets the sessions no longer there."""
-        live = set(live)
-        for session_id in [s for s in self._owner if s not in live]:
-            del self._owner[session_id]
-        return dict(Counter(self._owner.values()))
 
 
 class TokenBucket:

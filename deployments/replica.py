@@ -16,8 +16,10 @@ import logging
 from ray import serve
 
 from deployments.metrics import ReplicaMetrics
-from deployments.session_service import owner_counts, start_replica_server
+from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
+from deployments.store import open_store
+from sinkcache.errors import EngineStoppedError
 
 log = logging.getLogger("ray.serve")
 
@@ -34,32 +36,53 @@ class SessionReplica:
         self.settings = settings
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         loop = asyncio.get_running_loop()
+        url = settings.store_url()
+        store = open_store(url, ttl_s=settings.session_ttl_s) if url else None
         self.engine = await start_engine(settings.engine, in_process=not settings.engine_process)
         self.metrics = ReplicaMetrics(self.replica_id)
         # The node's (pod's) address only, never every interface: gateways reach it there.
         host = ray.util.get_node_ip_address()
         self.server, self.sessions, self.health, port = await start_replica_server(
-            self.engine, self.replica_id, settings, host=host
+            self.engine, self.replica_id, settings, store=store, host=host
         )
         self.address = f"{host}:{port}"
         self.directory = directory
+        self._last_stats = None
         self._tasks = [
-            loop.create_task(self.sessions.expire()),
+            loop.create_task(self.sessions.sweep()),
             loop.create_task(self._heartbeat()),
             loop.create_task(self._record_metrics()),
         ]
         log.info("replica %s serving sessions on %s", self.replica_id, self.address)
 
+    @property
+    def accepting(self) -> bool:
+        """Takes new and resumed sessions: not draining, engine alive."""
+        return not self.sessions.draining and self.engine.error is None
+
     async def info(self) -> dict:
-        stats = await self.engine.stats()
+        try:
+            stats = self._last_stats = await self.engine.stats()
+        except EngineStoppedError:  # still in the directory, taking nothing, until replaced
+            if self._last_stats is None:
+                raise
+            stats = self._last_stats
+        accepting = self.accepting
         return {
             "replica_id": self.replica_id,
             "address": self.address,
-            "slots_free": stats.slots_free,
+            "slots_free": stats.slots_free if accepting else 0,
             "slots_total": stats.slots_total,
             "sessions": stats.sessions,
-            "owners": owner_counts(self.sessions),  # for the gateways' max_sessions quotas
+            "held": stats.sessions + self.sessions.offloaded,
+            "accepting": accepting,
+            "owners": self.sessions.owner_counts(),  # for the gateways' max_sessions quotas
         }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What deployments.autoscaling.SlotOccupancyPolicy scales on (Serve asks periodically)."""
+        stats = self._last_stats or await self.engine.stats()
+        return {"slots_used": float(stats.slots_used), "slots_total": float(stats.slots_total)}
 
     async def _heartbeat(self) -> None:
         while True:
@@ -74,7 +97,12 @@ class SessionReplica:
         while True:
             try:
                 self.metrics.record(
-                    await self.engine.stats(), await self.engine.take_step_seconds()
+                    await self.engine.stats(),
+                    await self.engine.take_step_seconds(),
+                    offloaded=self.sessions.offloaded,
+                    checkpoint_failures=self.sessions.writer.failures
+                    if self.sessions.writer
+                    else 0,
                 )
             except Exception:
                 log.warning("recording metrics failed", exc_info=True)
@@ -85,11 +113,23 @@ class SessionReplica:
             raise RuntimeError(f"engine failed: {self.engine.error}")
 
     async def __del__(self) -> None:
-        for task in getattr(self, "_tasks", []):
+        """Drain (scale-in, redeploy, shutdown): stop taking sessions, let replies finish, leave
+        every session in the store for another replica, then end the streams with UNAVAILABLE so
+        their clients resume elsewhere."""
+        if not hasattr(self, "server"):
+            return
+        self.sessions.draining = True
+        with contextlib.suppress(Exception):
+            await self.directory.heartbeat.remote(await self.info())  # stop routing here now
+        await self.health.enter_graceful_shutdown()
+        try:
+            await self.sessions.drain(self.settings.drain_timeout_s)
+        except Exception:
+            log.exception("drain failed")
+        for task in self._tasks:
             task.cancel()
-        if hasattr(self, "server"):
-            await self.health.enter_graceful_shutdown()
-            with contextlib.suppress(Exception):
-                await self.directory.leave.remote(self.replica_id)
-            await self.server.stop(grace=5)
-            await self.engine.shutdown()
+        with contextlib.suppress(Exception):
+            await self.directory.leave.remote(self.replica_id)
+        self.sessions.end_streams()
+        await self.server.stop(grace=2)
+        await self.engine.shutdown()

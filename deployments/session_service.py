@@ -1,16 +1,18 @@
 """The replica side of the gRPC contract: session streams served from one engine.
 
-No Ray here: the Serve deployment (deployments/replica.py) and the Ray-free launcher
-(deployments/standalone.py) both start a replica server with `start_replica_server`.
+The servicer translates messages; what happens to sessions (open, resume and rebuild, offload,
+checkpoints, drain) is deployments.replica_sessions. No Ray here: the Serve deployment
+(deployments/replica.py) and the Ray-free launcher (deployments/standalone.py) both start a
+replica server with `start_replica_server`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import time
+import os
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -34,14 +36,14 @@ from deployments.internal import (
     internal_token,
     metadata_value,
 )
-from deployments.quotas import SessionOwners
-from deployments.resume import check_resume, resume_token
+from deployments.replica_sessions import Attached, ReplicaSessions
+from deployments.resume import resume_token
 from deployments.settings import AppSettings
-from sinkcache.errors import ArenaFullError, InvalidRequestError, SessionNotFoundError
+from deployments.store import SessionStore
+from sinkcache.errors import ArenaFullError, InvalidRequestError
 from sinkcache.events import TurnEndEvent
-from sinkcache.host.protocol import Engine, SessionInfo
+from sinkcache.host.protocol import Engine
 from sinkwire.options import server_options
-from sinkwire.session_ids import new_session_id
 from sinkwire.status import StreamError
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
@@ -61,117 +63,6 @@ class _Rejected:
         self.error = error
 
 
-class ReplicaSessions:
-    """Which stream each session is attached to; sessions with none expire after a TTL."""
-
-    def __init__(self, engine: Engine, replica_id: str, settings: AppSettings) -> None:
-        self.engine = engine
-        self.replica_id = replica_id
-        self.settings = settings
-        self.attached: dict[str, asyncio.Queue] = {}
-        self.detached_since: dict[str, float] = {}
-        self.owners = SessionOwners()  # the API key name each session belongs to
-
-    def opened_message(self, info: SessionInfo, resumed: bool, owner: str = "") -> pb.ServerMessage:
-        return pb.ServerMessage(
-            opened=pb.Opened(
-                session_id=info.session_id,
-                resume_token=resume_token(self.settings.resume_secret, info.session_id, owner),
-                replica_id=self.replica_id,
-                sink_tokens=info.sink,
-                window_tokens=info.window,
-                capacity=info.capacity,
-                stream_position=info.stream_pos,
-                resumed=resumed,
-                model=self.settings.engine.model,
-            ),
-            replica_id=self.replica_id,
-        )
-
-    async def attach(
-        self, first: pb.ClientMessage, out: asyncio.Queue, owner: str = ""
-    ) -> tuple[str, pb.ServerMessage]:
-        """Open or resume the session the stream's first message names; the stream now owns it.
-        `owner` is the API key name the gateway vouches for ("" without keys)."""
-        kind = first.WhichOneof("kind")
-        if kind == "open":
-            info = await _open_unless_left(self.engine, new_session_id(self.replica_id))
-            resumed = False
-        elif kind == "resume":
-            session_id = first.resume.session_id
-            if not session_id:
-                raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "resume needs a session_id")
-            # The token first: a caller without it learns nothing and makes nothing wait.
-            check_resume(
-                self.settings.resume_secret,
-                session_id,
-                first.resume.resume_token,
-                owner,
-                self.owners.get(session_id),
-            )
-            info = await self.engine.session_info(session_id, settled=True)
-            resumed = True
-        else:
-            raise StreamError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "the first message of a stream must be open or resume",
-            )
-        previous = self.attached.get(info.session_id)
-        if previous is not None:  # the newest stream wins (a client reconnecting after a drop)
-            previous.put_nowait(
-                StreamError(grpc.StatusCode.ABORTED, "session resumed on another stream")
-            )
-        self.attached[info.session_id] = out
-        self.detached_since.pop(info.session_id, None)
-        self.owners.record(info.session_id, owner)
-        return info.session_id, self.opened_message(info, resumed, owner)
-
-    def detach(self, session_id: str, out: asyncio.Queue, closed: bool) -> None:
-        if self.attached.get(session_id) is not out:
-            return
-        del self.attached[session_id]
-        if not closed:
-            self.detached_since[session_id] = time.monotonic()
-            asyncio.get_running_loop().create_task(self._cancel_quietly(session_id))
-
-    async def _cancel_quietly(self, session_id: str) -> None:
-        with contextlib.suppress(SessionNotFoundError):
-            await self.engine.cancel(session_id)  # nobody is reading the reply any more
-
-    async def expire(self) -> None:
-        """Close sessions that have had no stream for longer than the TTL (forever, every 10 s)."""
-        while True:
-            await asyncio.sleep(min(10.0, self.settings.session_ttl_s))
-            deadline = time.monotonic() - self.settings.session_ttl_s
-            for session_id, since in list(self.detached_since.items()):
-                if since < deadline:
-                    self.detached_since.pop(session_id, None)
-                    with contextlib.suppress(SessionNotFoundError):
-                        await self.engine.close(session_id)
-                    log.info(
-                        "session %s expired after %.0f s detached",
-                        session_id,
-                        self.settings.session_ttl_s,
-                    )
-
-
-async def _open_unless_left(engine: Engine, session_id: str) -> SessionInfo:
-    """Open a session; if the stream goes away while it opens (its caller is cancelled), close it
-    once it is open: nobody learned its id, so it would hold its slot forever (found by fuzzing)."""
-    opening = asyncio.ensure_future(engine.open_session(session_id))
-    try:
-        return await asyncio.shield(opening)
-    except asyncio.CancelledError:
-
-        def close_orphan(done: asyncio.Future) -> None:
-            if not done.cancelled() and done.exception() is None:
-                task = asyncio.ensure_future(engine.close(session_id))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-        opening.add_done_callback(close_orphan)
-        raise
-
-
 class SessionServicer(pb_grpc.StreamingLLMServicer):
     """The replica side of the contract: one Session stream per connected client."""
 
@@ -181,16 +72,19 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
 
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.ServerMessage]:
         out = ReplyBuffer(self.sessions.settings.max_buffered_tokens)
+        # The API key name the gateway vouches for ("" without keys); GatewaysOnly checked it.
         owner = metadata_value(context.invocation_metadata(), OWNER_KEY) or ""
         session_id, closed, reader = None, False, None
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            session_id, opened = await self.sessions.attach(first, out, owner)
+            attached = await self._start(first, owner)
+            session_id = attached.info.session_id
+            self.sessions.attach(session_id, out)
             out.watch(functools.partial(self.engine.hold_decode, session_id))
-            yield opened
-            position = opened.opened.stream_position
+            yield self._opened(attached, owner)
+            position = attached.info.stream_pos
             reader = asyncio.create_task(self._read(request_iterator, session_id, out, position))
             while True:
                 item = await out.get()
@@ -211,9 +105,41 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             if reader is not None:
                 reader.cancel()
             if session_id is not None:
-                if self.sessions.attached.get(session_id) is out:
+                if self.sessions.holds_stream(session_id, out):
                     out.release()  # before detach cancels the reply: a held reply must drain
                 self.sessions.detach(session_id, out, closed)
+
+    async def _start(self, first: pb.ClientMessage, owner: str) -> Attached:
+        """Open or resume the session the stream's first message names, for `owner`."""
+        kind = first.WhichOneof("kind")
+        if kind == "open":
+            return await self.sessions.open(owner)
+        if kind == "resume":
+            resume = first.resume
+            return await self.sessions.resume(resume.session_id, resume.resume_token, owner)
+        raise StreamError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the first message of a stream must be open or resume",
+        )
+
+    def _opened(self, attached: Attached, owner: str) -> pb.ServerMessage:
+        info, replica_id = attached.info, self.sessions.replica_id
+        secret = self.sessions.settings.resume_secret
+        return pb.ServerMessage(
+            opened=pb.Opened(
+                session_id=info.session_id,
+                resume_token=resume_token(secret, info.session_id, owner),
+                replica_id=replica_id,
+                sink_tokens=info.sink,
+                window_tokens=info.window,
+                capacity=info.capacity,
+                stream_position=info.stream_pos,
+                resumed=attached.resumed,
+                model=self.sessions.settings.engine.model,
+                rebuilt=attached.rebuilt,
+            ),
+            replica_id=replica_id,
+        )
 
     async def _read(
         self, request_iterator, session_id: str, out: asyncio.Queue, position: int
@@ -222,7 +148,7 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
         An append that is invalid on its own becomes a REJECTED turn in its place; only messages
         out of protocol end the stream."""
         turns: asyncio.Queue = asyncio.Queue(MAX_QUEUED_TURNS)
-        forwarder = asyncio.create_task(self._forward(turns, out, position))
+        forwarder = asyncio.create_task(self._forward(turns, out, session_id, position))
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
@@ -231,10 +157,9 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
                 elif kind == "cancel":
                     await self.engine.cancel(session_id)
                 elif kind == "close":
-                    info = await self.engine.session_info(session_id)
-                    await self.engine.close(session_id)
+                    stream_pos = await self.sessions.close(session_id)
                     await turns.join()
-                    closed = pb.Closed(stream_position=info.stream_pos)
+                    closed = pb.Closed(stream_position=stream_pos)
                     out.put_nowait(
                         pb.ServerMessage(closed=closed, replica_id=self.sessions.replica_id)
                     )
@@ -260,24 +185,33 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
         """The append's event stream, or its rejection if it is invalid on its own."""
         try:
             item, params = append_input(append), generation_params(append)
-            return await self.engine.append(session_id, item, params, append.score)
-        except InvalidRequestError as error:
-            return _Rejected(error)
         except StreamError as error:
             if error.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             return _Rejected(error)
+        await self.sessions.before_append(session_id)
+        try:
+            return await self.engine.append(session_id, item, params, append.score)
+        except InvalidRequestError as error:
+            self.sessions.append_refused(session_id)
+            return _Rejected(error)
+        except BaseException:
+            self.sessions.append_refused(session_id)
+            raise
 
-    async def _forward(self, turns: asyncio.Queue, out: asyncio.Queue, position: int) -> None:
+    async def _forward(
+        self, turns: asyncio.Queue, out: asyncio.Queue, session_id: str, position: int
+    ) -> None:
         """Each turn's events as messages, in order; `position` follows the stream so that a
         rejected turn can say where the stream stands."""
         replica_id = self.sessions.replica_id
         while True:
             turn = await turns.get()
+            if isinstance(turn, _Rejected):
+                out.put_nowait(rejected_message(turn.error, position, replica_id))
+                turns.task_done()
+                continue
             try:
-                if isinstance(turn, _Rejected):
-                    out.put_nowait(rejected_message(turn.error, position, replica_id))
-                    continue
                 async for event in turn:
                     if isinstance(event, TurnEndEvent):
                         position = event.stream_pos
@@ -287,6 +221,7 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             except Exception as error:
                 out.put_nowait(status_for(error))
             finally:
+                self.sessions.turn_ended(session_id)
                 turns.task_done()
 
     async def Stats(self, request, context) -> pb.StatsResponse:
@@ -297,16 +232,14 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             slots_total=stats.slots_total,
             slots_used=stats.slots_used,
             slots_free=stats.slots_free,
+            sessions_offloaded=stats.sessions_offloaded,
+            sessions_stored=-1,
         )
-
-
-def owner_counts(sessions: ReplicaSessions) -> dict[str, int]:
-    """Sessions held here by API key name: what gateways count against `max_sessions`."""
-    return sessions.owners.counts(sessions.attached.keys() | sessions.detached_since.keys())
 
 
 async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
     stats = await sessions.engine.stats()
+    writer = sessions.writer
     return pb.ReplicaStats(
         replica_id=sessions.replica_id,
         sessions=stats.sessions,
@@ -323,18 +256,32 @@ async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
         process_rss_bytes=psutil.Process().memory_info().rss + stats.engine_rss_bytes,
         decode_tokens=stats.decode_tokens,
         prefill_tokens=stats.prefill_tokens,
-        sessions_by_key=owner_counts(sessions),
+        sessions_offloaded=sessions.offloaded,
+        checkpoints_written=writer.written if writer else 0,
+        checkpoint_failures=writer.failures if writer else 0,
+        draining=sessions.draining,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        engine_pid=stats.engine_pid,
+        sessions_by_key=sessions.owner_counts(),
         decode_held=stats.decode_held,
     )
 
 
 async def start_replica_server(
-    engine: Engine, replica_id: str, settings: AppSettings, port: int = 0, host: str = "127.0.0.1"
+    engine: Engine,
+    replica_id: str,
+    settings: AppSettings,
+    port: int = 0,
+    store: SessionStore | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[grpc.aio.Server, ReplicaSessions, health.aio.HealthServicer, int]:
     """Serve `engine`'s sessions on `host`:`port` (0: any free port); returns the bound port too.
-    `host` is the address gateways reach this node by (the pod's, on Kubernetes), never all of
-    them, and only callers with the internal credential are served (deployments/internal.py)."""
-    sessions = ReplicaSessions(engine, replica_id, settings)
+    With a `store`, sessions are checkpointed there and rebuilt from it. `host` is the address
+    gateways reach this node by (the pod's, on Kubernetes), never all of them, and only callers
+    with the internal credential are served (deployments/internal.py)."""
+    sessions = ReplicaSessions(engine, replica_id, settings, store)
+    await sessions.start()
     server = grpc.aio.server(
         options=server_options(max_message_bytes=settings.max_message_bytes),
         interceptors=[GatewaysOnly(internal_token(settings.resume_secret))],

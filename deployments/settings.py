@@ -9,19 +9,25 @@ coerces strings, and refuses unknown keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
+import secrets
 import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sinkcache.config import EngineConfig, setting
 from sinkwire.options import DEFAULT_MAX_MESSAGE_BYTES
 
 ENV_API_KEYS = "SINKSERVE_API_KEYS"  # the keys file's content (deployments/auth.py)
+
+STORE_ENV = "SINKSERVE_SESSION_STORE"
+SECRET_ENV = "SINKSERVE_RESUME_SECRET"
 
 
 @dataclass
@@ -72,19 +78,75 @@ class AppSettings:
     quota_burst_s: float = setting(
         10.0, "seconds of an API key's tokens_per_s it may use at once (the bucket's depth)"
     )
-    gateways: int = setting(1, "gateways (at most one per node)")
+    gateways: int = setting(
+        2, "gateways, at most max_gateways_per_node on a node (on Kubernetes: one per gateway pod)"
+    )
     gateway_resource: str | None = setting(
         None,
         "place gateways only on Ray nodes offering this custom resource (on Kubernetes: the pods "
         "a Service sends clients to)",
     )
     session_ttl_s: float = setting(3600.0, "seconds a session with no stream attached lives")
+    session_store: str = setting(
+        "",
+        "where sessions are checkpointed so they outlive any process: sqlite (a file under the "
+        "cache directory), sqlite:///PATH, redis://HOST:PORT/DB, or off; default: "
+        f"${STORE_ENV}, else sqlite",
+    )
+    idle_offload_s: float = setting(
+        60.0,
+        "seconds a session with no stream and no request keeps its cache slot; then it leaves "
+        "the GPU and its next message rebuilds it",
+    )
+    min_replicas: int | None = setting(
+        None, "autoscale between min_replicas and max_replicas (both set) on slot occupancy"
+    )
+    max_replicas: int | None = setting(None, "see min_replicas")
+    target_slot_occupancy: float = setting(
+        0.75, "autoscaling keeps the sessions with a cache slot near this share of all slots"
+    )
+    drain_timeout_s: float = setting(
+        30.0,
+        "on shutdown or scale-in, how long a replica lets replies in flight finish before it "
+        "cancels them, checkpoints every session and stops",
+    )
+    max_gateways_per_node: int = setting(
+        2, "gateways sharing one node's port (SO_REUSEPORT), so one dying does not close it"
+    )
     resume_secret: str = setting(
         "",
         "HMAC key of resume tokens and of the gateways' credential, shared by the whole app; a "
-        "config file or SINKSERVE_RESUME_SECRET, never a flag (default: random on one node)",
+        f"config file or ${SECRET_ENV} (a Kubernetes Secret), never a flag; default on one node: "
+        "a random key kept in the cache directory (so a restarted service accepts old tokens)",
     )
     application: str = setting("sinkserve", "the Serve application's name")
+
+    def __post_init__(self) -> None:
+        # Where the resume secret came from: "setting", "env", or "local" (made up on this
+        # machine, which only a single-node app may use: deployments/secrets.py).
+        self.resume_secret_source = "setting"
+        if not self.resume_secret:
+            self.resume_secret = os.environ.get(SECRET_ENV, "")
+            self.resume_secret_source = "env"
+        if not self.resume_secret:
+            self.resume_secret = _local_secret()
+            self.resume_secret_source = "local"
+        if not self.session_store:
+            self.session_store = os.environ.get(STORE_ENV) or "sqlite"
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None and self.max_replicas is not None
+
+    def store_url(self) -> str | None:
+        """The session store's URL (None: no store)."""
+        if self.session_store in ("off", "none"):
+            return None
+        if self.session_store == "sqlite":
+            from deployments.store import default_sqlite_url
+
+            return default_sqlite_url()
+        return self.session_store
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppSettings:
@@ -117,6 +179,29 @@ class AppSettings:
             problems.append(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         if not self.session_ttl_s > 0:
             problems.append(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
+        if not self.idle_offload_s > 0:
+            problems.append(f"idle_offload_s must be > 0, got {self.idle_offload_s}")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            problems.append("set both min_replicas and max_replicas to autoscale, or neither")
+        elif self.autoscaling and not 0 <= self.min_replicas <= self.max_replicas:
+            problems.append(
+                f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, "
+                f"{self.max_replicas}"
+            )
+        if not 0 < self.target_slot_occupancy <= 1:
+            problems.append(
+                f"target_slot_occupancy must be in (0, 1], got {self.target_slot_occupancy}"
+            )
+        if self.max_gateways_per_node < 1:
+            problems.append(f"max_gateways_per_node must be >= 1, got {self.max_gateways_per_node}")
+        store = self.session_store
+        if not (
+            store in ("off", "none", "sqlite")
+            or store.startswith(("sqlite://", "redis://", "rediss://", "/"))
+        ):
+            problems.append(
+                f"session_store must be sqlite, sqlite:///PATH, redis://..., or off; got {store!r}"
+            )
         problems += self._security_problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -208,3 +293,20 @@ def _coerce(f: dataclasses.Field, raw: Any) -> Any:
         return kind(raw)
     except ValueError:
         raise ValueError(f"setting {f.name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _local_secret() -> str:
+    """A random resume secret kept (mode 0600) in the cache directory, made on first use."""
+    root = Path(os.environ.get("SINKSERVE_CACHE") or Path.home() / ".cache" / "sinkserve")
+    path = root.expanduser() / "resume_secret"
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(fresh)
+    return fresh

@@ -9,7 +9,7 @@ The gateway asks each replica for its id, free slots and sessions by key every h
 Stats RPC), which is what the Serve deployment learns from the directory instead. Both take
 AppSettings as `--set key=value` (the gateway reads api_keys, tls_*, max_message_bytes,
 quota_burst_s from them). Both sides need the same resume secret: SINKSERVE_RESUME_SECRET, or
-one kept for this user in ~/.cache/sinkserve (deployments/secrets.py). Replicas listen on
+one kept for this user in the cache directory (deployments/settings.py). Replicas listen on
 127.0.0.1 unless given --host, and the gateway too unless its settings say otherwise.
 """
 
@@ -27,9 +27,10 @@ import grpc
 from deployments.gateway_guard import GatewayGuard, gateway_credentials
 from deployments.gateway_service import REPLICA_STALE_AFTER_S, GatewayService
 from deployments.internal import gateway_metadata, internal_token
-from deployments.secrets import local_resume_secret, resolve_resume_secret
+from deployments.secrets import check_resume_secret
 from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
+from deployments.store import open_store
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
@@ -48,22 +49,32 @@ async def run_replica(settings: AppSettings, host: str, port: int, replica_id: s
     from sinkcache.host.start import start_engine
 
     loop = asyncio.get_running_loop()
+    url = settings.store_url()
+    store = open_store(url, ttl_s=settings.session_ttl_s) if url else None
     engine = await start_engine(settings.engine, in_process=not settings.engine_process)
     server, sessions, _, bound = await start_replica_server(
-        engine, replica_id, settings, port, host
+        engine, replica_id, settings, port, store=store, host=host
     )
-    expiry = loop.create_task(sessions.expire())
+    sweep = loop.create_task(sessions.sweep())
     print(f"ready replica {replica_id} on port {bound}", flush=True)
     await _until_signal()
-    expiry.cancel()
+    await sessions.drain(settings.drain_timeout_s)
+    sweep.cancel()
+    sessions.end_streams()
     await server.stop(grace=2)
     await engine.shutdown()
 
 
 async def run_gateway(
-    settings: AppSettings, host: str, port: int, replicas: list[str], reuse_port: bool
+    settings: AppSettings,
+    host: str,
+    port: int,
+    replicas: list[str],
+    reuse_port: bool,
+    store_url: str | None,
 ) -> None:
-    service = GatewayService(GatewayGuard.from_settings(settings))
+    store = open_store(store_url, ttl_s=3600.0) if store_url else None
+    service = GatewayService(store, guard=GatewayGuard.from_settings(settings))
     server = await service.start(host, port, reuse_port, gateway_credentials(settings))
     metadata = gateway_metadata(internal_token(settings.resume_secret), "")
 
@@ -84,6 +95,8 @@ async def run_gateway(
                                 "replica_id": replica.replica_id,
                                 "address": address,
                                 "slots_free": replica.slots_free,
+                                "held": replica.sessions + replica.sessions_offloaded,
+                                "accepting": not replica.draining,
                                 "owners": dict(replica.sessions_by_key),
                             }
                             for replica in stats.replicas
@@ -118,6 +131,7 @@ def main() -> None:
     gw.add_argument("--replica", action="append", required=True, help="replica address (repeat)")
     gw.add_argument("--reuse-port", action="store_true", help="share the port with other gateways")
     gw.add_argument("--set", nargs="*", default=[], help="AppSettings key=value pairs")
+    gw.add_argument("--store", help="the replicas' session store URL (routes resumes to rebuilds)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     try:
@@ -125,18 +139,16 @@ def main() -> None:
         if args.role == "gateway" and args.host:
             settings.host = args.host
         settings.validate()
-        settings.resume_secret = (
-            resolve_resume_secret(settings.resume_secret, single_node=True)
-            if settings.resume_secret
-            else local_resume_secret()
-        )
+        check_resume_secret(settings, single_node=True)
     except ValueError as error:
         parser.exit(2, f"standalone: error: {error}\n")
     if args.role == "replica":
         asyncio.run(run_replica(settings, args.host, args.port, args.replica_id))
     else:
         host = settings.listen_host
-        asyncio.run(run_gateway(settings, host, args.port, args.replica, args.reuse_port))
+        asyncio.run(
+            run_gateway(settings, host, args.port, args.replica, args.reuse_port, args.store)
+        )
 
 
 if __name__ == "__main__":

@@ -46,3 +46,16 @@ class TurnEndEvent:
 
 
 Event = TokensEvent | ScoresEvent | TurnEndEvent
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """Everything needed to rebuild a session elsewhere: the ids its cache holds then its pending
+    ids (`tokens`, int32 bytes: at most sink + window + 1 of them), where its stream stands, and
+    its chat state. A fresh session fed `tokens` holds exactly what a recomputation from those ids
+    gives (sinkcache.core.engine.EngineCore.restore_session)."""
+
+    session_id: str
+    tokens: bytes  # array('i') bytes, native byte order
+    stream_pos: int
+    open_reply: int | None

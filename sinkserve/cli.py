@@ -280,10 +280,10 @@ def _chat(args: argparse.Namespace) -> int:
             if not args.resume_token:
                 raise SystemExit("--session needs --resume-token")
             session = Session.resume(
-                args.target, args.session, args.resume_token, _credentials(args)
+                args.target, args.session, args.resume_token, credentials=_credentials(args)
             )
         else:
-            session = Session.open(args.target, _credentials(args))
+            session = Session.open(args.target, credentials=_credentials(args))
     except SessionError as error:
         raise SystemExit(f"cannot start the session: {error}") from None
     opened = session.opened
@@ -348,6 +348,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         seed=args.seed,
         stall_timeout_s=args.stall_timeout,
         credentials=_credentials(args),
+        chaos_kill_every_s=args.chaos_kill_every,
+        chaos_target=args.chaos_target,
     )
     console = Console(stderr=True)
 
@@ -368,6 +370,9 @@ def _loadtest(args: argparse.Namespace) -> int:
     rows = [
         ("sessions opened", data["sessions_opened"]),
         ("sessions lost", data["sessions_lost"]),
+        ("sessions resumed after a broken stream", data["sessions_resumed"]),
+        ("opens refused (no free slot)", data["opens_refused"]),
+        ("opens failed", data["opens_failed"]),
         ("errors", data["errors"] or 0),
         ("turns", data["turns"]),
         ("tokens/s (steady)", f"{data['tokens_per_s']:.0f}"),
@@ -397,7 +402,16 @@ def _loadtest(args: argparse.Namespace) -> int:
         write_json(data, Path(args.json))
     if args.plot:
         plot(data, Path(args.plot))
-    return 0 if data["sessions_lost"] == 0 and not data["errors"] else 1
+    if data["kills"]:
+        failover = data["failover_ms"]
+        rows = [
+            f"{len(data['kills'])} {args.chaos_target} process(es) killed",
+            f"failover p50 {failover['p50']} ms, p99 {failover['p99']} ms",
+            f"reply tokens lost {data['lost_reply_tokens']}",
+        ]
+        Console().print("chaos: " + "; ".join(rows), highlight=False)
+    # Errors a session recovered from (its stream broke, it resumed) are not failures.
+    return 0 if data["sessions_lost"] == 0 and data["opens_failed"] == 0 else 1
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -465,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     lt.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1: off)")
     lt.add_argument("--seed", type=int, default=0, help="seed of the generated conversations")
+    lt.add_argument(
+        "--chaos-kill-every", type=float, metavar="S",
+        help="SIGKILL a replica process on this host every S seconds (after the ramp)",
+    )  # fmt: skip
+    lt.add_argument(
+        "--chaos-target", choices=("replica", "engine"), default="replica",
+        help="what --chaos-kill-every kills: a replica's process, or its engine process",
+    )  # fmt: skip
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")
     lt.set_defaults(run=_loadtest)

@@ -8,8 +8,12 @@
     with Session.open("localhost:50051") as session:    # the same, blocking
         print(session.say("Hello!"))
 
-A session outlives its stream: keep `session_id` and `resume_token` and call `resume` to continue it
-on a new connection. The CLI (`sinkserve chat`) and the load tester use this module.
+A session outlives its stream. When a stream breaks (a replica or gateway lost, a replica
+draining), the session resumes itself on a new stream, with backoff (`ResumePolicy`): the call that
+was cut raises `StreamResumed`, which says where the session now stands and how many reply tokens
+the client saw that are not in its stream, and the session is ready for the next call. To continue
+a session later from anywhere, keep `session_id` and `resume_token` and call `resume`. The CLI
+(`sinkserve chat`) and the load tester use this module.
 
 Credentials (an API key, TLS roots, a client certificate) are a `Credentials`; without one the
 client reads SINKSERVE_API_KEY, SINKSERVE_CA, SINKSERVE_CLIENT_CERT/KEY and SINKSERVE_TLS:
@@ -22,7 +26,9 @@ the session and the stream go on.
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +40,10 @@ from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 GenerationParams = pb.GenerationParams
-__all__ = ["AsyncSession", "Credentials", "GenerationParams", "Reply", "Session", "SessionError"]
+__all__ = [
+    "AsyncSession", "Credentials", "GenerationParams", "Reply", "ResumePolicy", "Session",
+    "SessionError", "StreamResumed",
+]  # fmt: skip
 
 
 class SessionError(Exception):
@@ -44,6 +53,54 @@ class SessionError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+class StreamResumed(SessionError):
+    """The stream broke (`cause`) and the session was resumed on a new one; the call in progress
+    was cut and the session is ready for the next. Its stream now stands at `stream_position`;
+    if the session was rebuilt from a checkpoint, reply tokens this client saw past it
+    (`lost_tokens` of them) are not in the stream."""
+
+    def __init__(self, cause: SessionError, opened: pb.Opened, seen: int, failed_at: float) -> None:
+        super().__init__(cause.code, f"resumed after: {cause.details}")
+        self.cause = cause
+        self.stream_position = opened.stream_position
+        self.seen_position = seen
+        self.rebuilt = opened.rebuilt
+        self.failed_at = failed_at  # time.monotonic() when the stream broke
+
+    @property
+    def lost_tokens(self) -> int:
+        return max(0, self.seen_position - self.stream_position)
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """How a session resumes itself after its stream breaks: these status codes, with
+    exponential backoff, for at most `timeout_s`. None (instead of a policy) never resumes."""
+
+    timeout_s: float = 60.0
+    first_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    codes: frozenset[grpc.StatusCode] = frozenset(
+        {
+            grpc.StatusCode.UNAVAILABLE,  # a replica or gateway gone or draining
+            grpc.StatusCode.UNKNOWN,  # the stream ended with no status
+            grpc.StatusCode.INTERNAL,  # a connection reset surfaced as a protocol error
+            grpc.StatusCode.CANCELLED,  # the server side went away mid-call
+        }
+    )
+
+    def delays(self) -> Iterator[float]:
+        """Backoff delays until the policy's time runs out."""
+        deadline = time.monotonic() + self.timeout_s
+        delay = self.first_backoff_s
+        while time.monotonic() + delay < deadline:
+            yield delay
+            delay = min(self.max_backoff_s, delay * 2)
+
+
+DEFAULT_RESUME = ResumePolicy()
 
 
 @dataclass
@@ -103,13 +160,33 @@ def _error(error: grpc.RpcError) -> SessionError:
     return SessionError(error.code(), error.details() or "")
 
 
-class AsyncSession:
-    """One session over one bidirectional stream (asyncio)."""
+def _resume_message(opened: pb.Opened) -> pb.ClientMessage:
+    return pb.ClientMessage(
+        resume=pb.Resume(session_id=opened.session_id, resume_token=opened.resume_token)
+    )
 
-    def __init__(self, channel: grpc.aio.Channel, call: Any, opened: pb.Opened) -> None:
+
+def _position(message: pb.ServerMessage) -> int | None:
+    """The stream position a server message reports, if any."""
+    kind = message.WhichOneof("kind")
+    if kind in ("tokens", "turn_end", "closed", "opened"):
+        return getattr(message, kind).stream_position
+    return None
+
+
+class AsyncSession:
+    """One session over a bidirectional stream (asyncio), resumed on a new stream if it breaks."""
+
+    def __init__(self, target: str, channel: grpc.aio.Channel, own_channel: bool) -> None:
+        self._target = target
         self._channel = channel
-        self._call = call
-        self.opened = opened
+        self._own_channel = own_channel
+        self._call: Any = None
+        self.opened: pb.Opened | None = None
+        self.resume_policy: ResumePolicy | None = DEFAULT_RESUME
+        self._seen = 0  # the furthest stream position this client has seen
+        self.resumes = 0  # how many times the session resumed itself
+        self._dropped = False  # disconnect() was called: a broken stream is not resumed
 
     # -- constructors ------------------------------------------------------------------------------
     @classmethod
@@ -117,11 +194,13 @@ class AsyncSession:
         cls,
         target: str,
         channel: grpc.aio.Channel | None = None,
+        resume_policy: ResumePolicy | None = DEFAULT_RESUME,
         credentials: Credentials | None = None,
     ) -> AsyncSession:
-        """A new session; `channel` (made with `sinkwire.channels.aio_channel`) is shared and
-        left open, else one is made with `credentials` (default: from the environment)."""
-        return await cls._start(target, channel, pb.ClientMessage(open=pb.Open()), credentials)
+        """A new session; `channel` (made with `sinkwire.channels.aio_channel`) is shared and left
+        open, else one is made with `credentials` (default: from the environment)."""
+        first = pb.ClientMessage(open=pb.Open())
+        return await cls._start(target, channel, first, resume_policy, credentials)
 
     @classmethod
     async def resume(
@@ -130,31 +209,42 @@ class AsyncSession:
         session_id: str,
         resume_token: str,
         channel: grpc.aio.Channel | None = None,
+        resume_policy: ResumePolicy | None = DEFAULT_RESUME,
         credentials: Credentials | None = None,
     ) -> AsyncSession:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return await cls._start(target, channel, message, credentials)
+        return await cls._start(target, channel, message, resume_policy, credentials)
 
     @classmethod
-    async def _start(cls, target, channel, first, credentials=None) -> AsyncSession:
-        own = channel is None
-        channel = channel or aio_channel(target, credentials)
-        call = pb_grpc.StreamingLLMStub(channel).Session()
+    async def _start(cls, target, channel, first, resume_policy, credentials=None) -> AsyncSession:
+        session = cls(target, channel or aio_channel(target, credentials), channel is None)
+        session.resume_policy = resume_policy
+        try:
+            await session._connect(first)
+        except BaseException:
+            await session._close_channel()
+            raise
+        return session
+
+    async def _connect(self, first: pb.ClientMessage) -> None:
+        """A new stream whose first message is `first`; waits for its Opened."""
+        call = pb_grpc.StreamingLLMStub(self._channel).Session()
         try:
             await call.write(first)
             message = await call.read()
         except grpc.RpcError as error:
-            if own:
-                await channel.close()
+            call.cancel()
             raise _error(error) from None
         if message is grpc.aio.EOF or not message.HasField("opened"):
-            if own:
-                await channel.close()
-            raise SessionError(grpc.StatusCode.UNKNOWN, "stream ended before the session opened")
-        session = cls(channel if own else None, call, message.opened)
-        return session
+            code = await call.code() if message is grpc.aio.EOF else grpc.StatusCode.UNKNOWN
+            details = (await call.details() if message is grpc.aio.EOF else "") or ""
+            call.cancel()
+            raise SessionError(code, details or "stream ended before the session opened")
+        self._call = call
+        self.opened = message.opened
+        self._seen = max(self._seen, message.opened.stream_position)
 
     # -- properties --------------------------------------------------------------------------------
     @property
@@ -195,17 +285,20 @@ class AsyncSession:
     async def send(self, message: pb.ClientMessage) -> None:
         try:
             await self._call.write(message)
-        except grpc.RpcError as error:
-            raise _error(error) from None
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            # The stream has ended (its status says why): it was not sent.
+            raise await self._recover(await self._ended()) from None
 
     async def receive(self) -> pb.ServerMessage:
         try:
             message = await self._call.read()
         except grpc.RpcError as error:
-            raise _error(error) from None
+            raise await self._recover(_error(error)) from None
         if message is grpc.aio.EOF:
-            code = await self._call.code()
-            raise SessionError(code, await self._call.details() or "stream ended")
+            raise await self._recover(await self._ended())
+        position = _position(message)
+        if position is not None:
+            self._seen = max(self._seen, position)
         return message
 
     async def cancel(self) -> None:
@@ -214,19 +307,60 @@ class AsyncSession:
     async def close(self) -> None:
         """End the session on the server (frees its slot) and the stream."""
         try:
-            await self.send(pb.ClientMessage(close=pb.Close()))
-            while not (await self.receive()).HasField("closed"):
-                pass
-            await self._call.done_writing()
+            for _ in range(2):  # once more on a resumed stream if the first one broke
+                try:
+                    await self.send(pb.ClientMessage(close=pb.Close()))
+                    while not (await self.receive()).HasField("closed"):
+                        pass
+                    await self._call.done_writing()
+                    return
+                except StreamResumed:
+                    continue
         finally:
             await self.disconnect()
 
     async def disconnect(self) -> None:
         """Drop the stream but keep the session on the server (resume it later)."""
-        self._call.cancel()
-        if self._channel is not None:
+        self._dropped = True
+        if self._call is not None:
+            self._call.cancel()
+        await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        if self._own_channel and self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+    # -- resuming ----------------------------------------------------------------------------------
+    async def _ended(self) -> SessionError:
+        """Why the current stream ended."""
+        try:
+            code = await self._call.code()
+            details = await self._call.details()
+        except Exception:  # a call that never started
+            return SessionError(grpc.StatusCode.UNKNOWN, "stream ended")
+        return SessionError(code or grpc.StatusCode.UNKNOWN, details or "stream ended")
+
+    async def _recover(self, error: SessionError) -> SessionError:
+        """Resume the session on a new stream if the policy allows: StreamResumed on success,
+        else the error that ended the stream (the session could not be continued)."""
+        policy = self.resume_policy
+        if policy is None or error.code not in policy.codes or self._dropped:
+            return error
+        failed_at = time.monotonic()
+        last = error
+        for delay in policy.delays():
+            await asyncio.sleep(delay)
+            try:
+                await self._connect(_resume_message(self.opened))
+            except SessionError as again:
+                last = again
+                if again.code not in policy.codes:
+                    return again  # NOT_FOUND, PERMISSION_DENIED...: the session is gone
+                continue
+            self.resumes += 1
+            return StreamResumed(error, self.opened, self._seen, failed_at)
+        return last
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -236,28 +370,52 @@ class AsyncSession:
 
 
 class Session:
-    """One session over one bidirectional stream (blocking)."""
+    """One session over a bidirectional stream (blocking), resumed on a new stream if it breaks."""
 
     def __init__(
-        self, target: str, first: pb.ClientMessage, credentials: Credentials | None = None
+        self,
+        target: str,
+        first: pb.ClientMessage,
+        resume_policy: ResumePolicy | None = DEFAULT_RESUME,
+        credentials: Credentials | None = None,
     ) -> None:
         self._channel = sync_channel(target, credentials)
-        self._requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-        self._requests.put(first)
-        stub = pb_grpc.StreamingLLMStub(self._channel)
-        self._responses = stub.Session(iter(self._requests.get, None))
+        self.resume_policy = resume_policy
+        self._seen = 0
+        self.resumes = 0
+        self._dropped = False
+        self.opened: pb.Opened | None = None
         try:
-            message = self.receive()
-            if not message.HasField("opened"):
-                raise SessionError(grpc.StatusCode.UNKNOWN, "stream did not start with Opened")
-        except SessionError:
-            self.disconnect()
+            self._connect(first)
+        except BaseException:
+            self._channel.close()
             raise
+
+    def _connect(self, first: pb.ClientMessage) -> None:
+        requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        requests.put(first)
+        responses = pb_grpc.StreamingLLMStub(self._channel).Session(iter(requests.get, None))
+        try:
+            message = next(responses)
+        except grpc.RpcError as error:
+            raise _error(error) from None
+        except StopIteration:
+            raise SessionError(grpc.StatusCode.UNKNOWN, "stream ended") from None
+        if not message.HasField("opened"):
+            responses.cancel()
+            raise SessionError(grpc.StatusCode.UNKNOWN, "stream did not start with Opened")
+        self._requests, self._responses = requests, responses
         self.opened = message.opened
+        self._seen = max(self._seen, message.opened.stream_position)
 
     @classmethod
-    def open(cls, target: str, credentials: Credentials | None = None) -> Session:
-        return cls(target, pb.ClientMessage(open=pb.Open()), credentials)
+    def open(
+        cls,
+        target: str,
+        resume_policy: ResumePolicy | None = DEFAULT_RESUME,
+        credentials: Credentials | None = None,
+    ) -> Session:
+        return cls(target, pb.ClientMessage(open=pb.Open()), resume_policy, credentials)
 
     @classmethod
     def resume(
@@ -265,12 +423,13 @@ class Session:
         target: str,
         session_id: str,
         resume_token: str,
+        resume_policy: ResumePolicy | None = DEFAULT_RESUME,
         credentials: Credentials | None = None,
     ) -> Session:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return cls(target, message, credentials)
+        return cls(target, message, resume_policy, credentials)
 
     session_id = property(lambda self: self.opened.session_id)
     resume_token = property(lambda self: self.opened.resume_token)
@@ -281,11 +440,35 @@ class Session:
 
     def receive(self) -> pb.ServerMessage:
         try:
-            return next(self._responses)
+            message = next(self._responses)
         except grpc.RpcError as error:
-            raise _error(error) from None
+            raise self._recover(_error(error)) from None
         except StopIteration:
-            raise SessionError(grpc.StatusCode.UNKNOWN, "stream ended") from None
+            raise self._recover(SessionError(grpc.StatusCode.UNKNOWN, "stream ended")) from None
+        position = _position(message)
+        if position is not None:
+            self._seen = max(self._seen, position)
+        return message
+
+    def _recover(self, error: SessionError) -> SessionError:
+        """As AsyncSession._recover."""
+        policy = self.resume_policy
+        if policy is None or error.code not in policy.codes or self._dropped:
+            return error
+        failed_at = time.monotonic()
+        last = error
+        for delay in policy.delays():
+            time.sleep(delay)
+            try:
+                self._connect(_resume_message(self.opened))
+            except SessionError as again:
+                last = again
+                if again.code not in policy.codes:
+                    return again
+                continue
+            self.resumes += 1
+            return StreamResumed(error, self.opened, self._seen, failed_at)
+        return last
 
     def append(self, **kwargs: Any) -> Iterator[pb.ServerMessage]:
         self.send(append_message(**kwargs))
@@ -311,13 +494,19 @@ class Session:
 
     def close(self) -> None:
         try:
-            self.send(pb.ClientMessage(close=pb.Close()))
-            while not self.receive().HasField("closed"):
-                pass
+            for _ in range(2):
+                try:
+                    self.send(pb.ClientMessage(close=pb.Close()))
+                    while not self.receive().HasField("closed"):
+                        pass
+                    return
+                except StreamResumed:
+                    continue
         finally:
             self.disconnect()
 
     def disconnect(self) -> None:
+        self._dropped = True
         self._requests.put(None)
         self._responses.cancel()
         self._channel.close()

@@ -1,18 +1,26 @@
 """`sinkserve loadtest`: thousands of concurrent endless conversations against a running service.
 
 Every session is opened (ramped), then loops until the duration ends: append a user turn, read the
-streamed reply, think, repeat. A stream that fails is resumed once with its id and token; a session
-that cannot be continued is *lost*. Latencies go into HDR histograms (microseconds):
-  ttft  time from sending a turn to its first reply tokens
-  itl   inter-token latency: the gap before each Tokens message, spread over the tokens it carries
+streamed reply, think, repeat. A stream that breaks is resumed (the client library does it, with
+backoff, as many times as it takes within its policy); a session is *lost* only when it cannot be
+continued. An Open refused with RESOURCE_EXHAUSTED (more load offered than the service holds,
+answered cleanly) is a *refusal*, counted apart. Latencies go into HDR histograms (microseconds):
+  ttft      time from sending a turn to its first reply tokens
+  itl       inter-token latency: the gap before each Tokens message, spread over its tokens
+  failover  from a stream breaking to the first reply token after the session resumed
 The server's Stats are sampled through the run (KV bytes, process memory) for the memory check.
+With `chaos_kill_every_s`, a replica process (or its engine process) on this host is SIGKILLed
+that often, to measure what faults cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable
@@ -23,7 +31,7 @@ from typing import Any, TypeVar
 import grpc
 from hdrh.histogram import HdrHistogram
 
-from sinkserve.client import AsyncSession, SessionError
+from sinkserve.client import AsyncSession, SessionError, StreamResumed
 from sinkwire.channels import Credentials, aio_channel
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
@@ -90,6 +98,10 @@ class LoadConfig:
     # so a stalled server shows up as errors instead of a load test that never ends.
     stall_timeout_s: float = 60.0
     credentials: Credentials | None = None  # None: from the environment (SINKSERVE_API_KEY, ...)
+    # Every this many seconds (after the ramp), SIGKILL one replica process on this host (or its
+    # engine process, chaos_target="engine"); None: no chaos.
+    chaos_kill_every_s: float | None = None
+    chaos_target: str = "replica"
 
 
 @dataclass
@@ -99,12 +111,17 @@ class LoadStats:
     started: float = field(default_factory=time.monotonic)
     opened: int = 0
     lost: int = 0
+    refused: int = 0  # opens answered RESOURCE_EXHAUSTED: load over capacity, not a fault
+    open_failed: int = 0  # opens that failed otherwise
     resumed: int = 0
+    lost_tokens: int = 0  # reply tokens seen by clients but not in their rebuilt sessions
+    kills: list[dict[str, Any]] = field(default_factory=list)
     turns: int = 0
     tokens: int = 0
     errors: Counter = field(default_factory=Counter)
     ttft: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     itl: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
+    failover: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     timeline: list[dict[str, Any]] = field(default_factory=list)
     server: list[dict[str, Any]] = field(default_factory=list)
     active: int = 0
@@ -112,7 +129,8 @@ class LoadStats:
     _window_tokens: int = 0
     _window_ttft: list[float] = field(default_factory=list)
 
-    def error(self, code: grpc.StatusCode) -> None:
+    def error(self, error: SessionError | grpc.StatusCode) -> None:
+        code = error if isinstance(error, grpc.StatusCode) else error.code
         self.errors[code.name] += 1
 
 
@@ -134,47 +152,71 @@ async def _converse(
     try:
         session = await _within(AsyncSession.open(config.target, channel=channel), stall)
     except SessionError as error:
-        stats.error(error.code)
-        stats.lost += 1
+        if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            stats.refused += 1
+        else:
+            stats.error(error)
+            stats.open_failed += 1
         return
     stats.opened += 1
     stats.active += 1
     params = pb.GenerationParams(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
     )
-    resumed_once = False
+    failed_at: float | None = None  # a stream broke then; the next first token ends the failover
     try:
         while time.monotonic() < deadline:
             words = rng.randint(*config.words_per_turn)
             text = " ".join(rng.choice(WORDS) for _ in range(words))
             try:
-                await _turn(session, text, params, stats, stall)
-            except SessionError as error:
-                stats.error(error.code)
-                if resumed_once:
-                    stats.lost += 1
-                    return
-                resumed_once = True
-                try:  # a session outlives its stream: continue it on a new one
-                    session = await _within(
-                        AsyncSession.resume(
-                            config.target, session.session_id, session.resume_token, channel=channel
-                        ),
-                        stall,
-                    )
-                    stats.resumed += 1
-                except SessionError as again:
-                    stats.error(again.code)
-                    stats.lost += 1
-                    return
+                first_token_at = await _turn(session, text, params, stats, stall)
+            except StreamResumed as resumed:  # the client library resumed it: the turn was cut
+                stats.error(resumed.cause)
+                stats.resumed += 1
+                stats.lost_tokens += resumed.lost_tokens
+                failed_at = failed_at or resumed.failed_at
                 continue
+            except SessionError as error:
+                stats.error(error)
+                failed_at = failed_at or time.monotonic()
+                resumed = await _resume(config, session, channel)
+                if resumed is None:
+                    stats.lost += 1
+                    return
+                session = resumed
+                stats.resumed += 1
+                continue
+            if failed_at is not None and first_token_at is not None:
+                stats.failover.record_value(max(1, int((first_token_at - failed_at) * 1e6)))
+                failed_at = None
             await asyncio.sleep(rng.uniform(*config.think_s))
         try:
             await _within(session.close(), stall)
         except SessionError as error:
-            stats.error(error.code)
+            stats.error(error)
     finally:
         stats.active -= 1
+
+
+async def _resume(
+    config: LoadConfig, session: AsyncSession, channel: grpc.aio.Channel
+) -> AsyncSession | None:
+    """Continue a session the client library did not resume itself (a stalled stream, or one
+    that failed with a code it does not retry): a few tries on a new stream."""
+    await session.disconnect()
+    for delay in (0.1, 0.5, 2.0):
+        await asyncio.sleep(delay)
+        try:
+            return await _within(
+                AsyncSession.resume(
+                    config.target, session.session_id, session.resume_token, channel=channel
+                ),
+                config.stall_timeout_s,
+            )
+        except SessionError as error:
+            if error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                return None
+    return None
 
 
 async def _turn(
@@ -183,9 +225,10 @@ async def _turn(
     params: pb.GenerationParams,
     stats: LoadStats,
     stall_timeout_s: float,
-) -> None:
+) -> float | None:
+    """One turn; returns when its first reply token came (time.monotonic())."""
     sent = time.monotonic()
-    last = None
+    last = first = None
     replies = aiter(session.append(chat=("user", text), generate=params))
     while True:
         message = await _within(anext(replies, None), stall_timeout_s)
@@ -195,6 +238,7 @@ async def _turn(
             now = time.monotonic()
             count = len(message.tokens.ids)
             if last is None:
+                first = now
                 ttft = now - sent
                 stats.ttft.record_value(max(1, int(ttft * 1e6)))
                 stats._window_ttft.append(ttft)
@@ -206,6 +250,45 @@ async def _turn(
             stats.tokens += count
             stats._window_tokens += count
     stats.turns += 1
+    return first
+
+
+async def _chaos(config: LoadConfig, stats: LoadStats, stop: asyncio.Event) -> None:
+    """Every `chaos_kill_every_s`, SIGKILL one replica process on this host (or its engine)."""
+    rng = random.Random(config.seed)
+    await asyncio.sleep(config.ramp_s)
+    host = socket.gethostname()
+    async with aio_channel(config.target, config.credentials) as channel:
+        stub = pb_grpc.StreamingLLMStub(channel)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), config.chaos_kill_every_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                reply = await stub.Stats(pb.StatsRequest(), timeout=5.0)
+            except grpc.aio.AioRpcError:
+                continue
+            local = [r for r in reply.replicas if r.hostname == host and r.pid]
+            if not local:
+                continue
+            victim = rng.choice(local)
+            pid = victim.engine_pid if config.chaos_target == "engine" else victim.pid
+            if not pid:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            stats.kills.append(
+                {
+                    "t": time.monotonic() - stats.started,
+                    "replica_id": victim.replica_id,
+                    "target": config.chaos_target,
+                    "pid": pid,
+                }
+            )
 
 
 _NOT_ADMIN = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
@@ -270,6 +353,9 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
     ]
     sampler = asyncio.create_task(_sample_server(config, stats, stop))
     progress = asyncio.create_task(_progress(stats, stop, live))
+    background = [sampler, progress]
+    if config.chaos_kill_every_s:
+        background.append(asyncio.create_task(_chaos(config, stats, stop)))
     deadline = time.monotonic() + config.ramp_s + config.duration_s
     try:
         await asyncio.gather(
@@ -280,7 +366,7 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
         )
     finally:
         stop.set()
-        await asyncio.gather(sampler, progress)
+        await asyncio.gather(*background)
         for channel in channels:
             await channel.close()
     stats.elapsed = time.monotonic() - stats.started
@@ -325,6 +411,11 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
         "sessions_opened": stats.opened,
         "sessions_lost": stats.lost,
         "sessions_resumed": stats.resumed,
+        "opens_refused": stats.refused,
+        "opens_failed": stats.open_failed,
+        "lost_reply_tokens": stats.lost_tokens,
+        "kills": stats.kills,
+        "failover_ms": _percentiles(stats.failover),
         "errors": dict(stats.errors),
         "turns": stats.turns,
         "tokens": stats.tokens,

@@ -18,8 +18,8 @@ import grpc
 from deployments.gateway_guard import GatewayGuard, gateway_credentials
 from deployments.gateway_service import SESSION_METHOD, GatewayService
 from deployments.internal import gateway_metadata, internal_token
-from deployments.secrets import resolve_resume_secret
-from deployments.session_service import owner_counts, start_replica_server
+from deployments.secrets import check_resume_secret
+from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
 from sinkwire.channels import Credentials, aio_channel
 from sinkwire.v1 import streaming_llm_pb2 as pb
@@ -43,9 +43,7 @@ class LocalService:
         self.settings = AppSettings.from_args(values)
         self.settings.engine_process = engine_process
         self.settings.validate()
-        self.settings.resume_secret = resolve_resume_secret(
-            self.settings.resume_secret, single_node=True
-        )
+        check_resume_secret(self.settings, single_node=True)
         self.poll_s = poll_s
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -83,10 +81,10 @@ class LocalService:
         settings = self.settings
         self.engine = await start_engine(settings.engine, in_process=not settings.engine_process)
         self.replica_server, self.sessions, _, port = await start_replica_server(
-            self.engine, REPLICA_ID, settings, 0, "127.0.0.1"
+            self.engine, REPLICA_ID, settings, 0, host="127.0.0.1"
         )
         self.replica_address = f"127.0.0.1:{port}"
-        self.gateway = GatewayService(GatewayGuard.from_settings(settings))
+        self.gateway = GatewayService(guard=GatewayGuard.from_settings(settings))
         gateway_port = free_port()
         self.gateway_server = await self.gateway.start(
             settings.listen_host, gateway_port, credentials=gateway_credentials(settings)
@@ -94,7 +92,7 @@ class LocalService:
         self.address = f"127.0.0.1:{gateway_port}"
         await self._update()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._poll()), loop.create_task(self.sessions.expire())]
+        self._tasks = [loop.create_task(self._poll()), loop.create_task(self.sessions.sweep())]
 
     async def _update(self) -> None:
         stats = await self.engine.stats()
@@ -102,7 +100,7 @@ class LocalService:
             "replica_id": REPLICA_ID,
             "address": self.replica_address,
             "slots_free": stats.slots_free,
-            "owners": owner_counts(self.sessions),
+            "owners": self.sessions.owner_counts(),
         }
         await self.gateway.update([info])
 

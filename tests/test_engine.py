@@ -8,57 +8,21 @@ import random
 import pytest
 import torch
 
-from sinkcache.config import CacheGeometry, ModelShape, shape_to_hf_config
+from sinkcache.config import CacheGeometry
 from sinkcache.core.arena import KVArena
 from sinkcache.core.attention.backend import REFERENCE
 from sinkcache.core.engine import EngineCore
 from sinkcache.core.runner import ModelRunner
 from sinkcache.errors import ArenaFullError, InvalidRequestError, SessionNotFoundError
-from sinkcache.events import EndReason, ScoresEvent, TokensEvent, TurnEndEvent
-from sinkcache.host.thread import ThreadEngine
+from sinkcache.events import EndReason, TokensEvent, TurnEndEvent
 from sinkcache.inputs import GenerationParams, TokenInput
-from sinkcache.models.loader import from_hf_model
 from tests.streaming_reference import ReferenceStream
-
-SHAPE = ModelShape(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+from tests.tiny_engine import SHAPE, collect, make_engine, tiny_models
 
 
 @pytest.fixture(scope="module")
 def models():
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    hf = AutoModelForCausalLM.from_config(shape_to_hf_config(SHAPE), dtype=torch.float32).eval()
-    return hf, from_hf_model(hf, torch.float32, "cpu")
-
-
-def make_engine(model, geometry, slots=8, eos=(), prefill_budget=64) -> ThreadEngine:
-    arena = KVArena(model.shape, geometry, slots, torch.float32, "cpu")
-    runner = ModelRunner(model, arena, REFERENCE)
-    core = EngineCore(runner, None, prefill_budget, eos_ids=frozenset(eos))
-    engine = ThreadEngine(core, flush_interval=0.0)
-    engine.start()
-    return engine
-
-
-async def collect(stream) -> tuple[list[int], list[ScoresEvent], TurnEndEvent]:
-    ids, scores, end = [], [], None
-    async for event in stream:
-        if isinstance(event, TokensEvent):
-            ids += event.ids
-        elif isinstance(event, ScoresEvent):
-            scores.append(event)
-        else:
-            end = event
-    return ids, scores, end
+    return tiny_models()
 
 
 async def test_greedy_replies_and_scores_follow_reference(models) -> None:

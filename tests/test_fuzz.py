@@ -642,8 +642,7 @@ def test_random_client_message_sequences(harness) -> None:
         f"crashes {figures.crashes}, leaks {figures.leaks}, {time.monotonic() - started:.0f} s; "
         f"statuses {dict(figures.statuses)}"
     )
-    sessions = harness.service.sessions
-    left = (sorted(sessions.attached), sorted(sessions.detached_since))
+    left = sorted(harness.service.sessions.entries)
     assert stats.sessions == 1 and stats.slots_free == harness.slots_total - 1, (stats, left)
     assert stats.decoding == 0 and stats.prefill_queue == 0 and stats.decode_held == 0, stats
     assert figures.cases >= PROFILE["cases"] and figures.crashes == 0 and figures.leaks == 0

@@ -20,7 +20,7 @@ from deployments import auth
 from deployments.auth import KeyRing, hash_line, new_key, parse_keys
 from deployments.gateway_guard import GatewayGuard, gateway_credentials
 from deployments.gateway_service import GatewayService
-from deployments.secrets import ENV_RESUME_SECRET, resolve_resume_secret
+from deployments.secrets import ENV_RESUME_SECRET, check_resume_secret
 from deployments.settings import AppSettings
 from sinkserve.client import AsyncSession, Credentials, SessionError
 from sinkwire.channels import aio_channel
@@ -242,7 +242,7 @@ async def bare_gateway(certs, tmp_path):
         }
     )
     settings.validate()
-    gateway = GatewayService(GatewayGuard.from_settings(settings))
+    gateway = GatewayService(guard=GatewayGuard.from_settings(settings))
     port = free_port()
     server = await gateway.start("127.0.0.1", port, credentials=gateway_credentials(settings))
     yield f"127.0.0.1:{port}", files
@@ -325,25 +325,33 @@ def test_an_open_gateway_binds_loopback_unless_told_insecure(tmp_path, monkeypat
         _settings(api_keys=str(tmp_path / "missing")).validate()
 
 
-def test_the_resume_secret_comes_from_a_secret_and_placeholders_are_refused(monkeypatch) -> None:
+def test_the_resume_secret_comes_from_a_secret_and_placeholders_are_refused(
+    monkeypatch, tmp_path
+) -> None:
     monkeypatch.delenv(ENV_RESUME_SECRET, raising=False)
-    made = resolve_resume_secret("", single_node=True)
-    assert len(made) == 64 and made != resolve_resume_secret("", single_node=True)
+    monkeypatch.setenv("SINKSERVE_CACHE", str(tmp_path))
+    local = _settings()  # made up and kept on this machine: fine for one node only
+    assert local.resume_secret_source == "local" and len(local.resume_secret) == 64
+    assert _settings().resume_secret == local.resume_secret  # kept: old tokens stay valid
+    check_resume_secret(local, single_node=True)
     with pytest.raises(ValueError, match="multi-node"):
-        resolve_resume_secret("", single_node=False)
+        check_resume_secret(local, single_node=False)
+    placeholder = _settings(resume_secret="change-me-to-a-long-random-string")
     with pytest.raises(ValueError, match="placeholder"):
-        resolve_resume_secret("change-me-to-a-long-random-string", single_node=True)
+        check_resume_secret(placeholder, single_node=True)
     with pytest.raises(ValueError, match="at least 32"):
-        resolve_resume_secret("0123456789abcdefg", single_node=False)
+        check_resume_secret(_settings(resume_secret="0123456789abcdefg"), single_node=False)
     real = os.urandom(32).hex()
     monkeypatch.setenv(ENV_RESUME_SECRET, real)
-    assert resolve_resume_secret("", single_node=False) == real
+    from_secret = _settings()
+    assert from_secret.resume_secret == real and from_secret.resume_secret_source == "env"
+    check_resume_secret(from_secret, single_node=False)
 
-    from deployments.app import build_app  # Ray is not started here: one node, but 3 gateways
+    from deployments.app import build_app  # Ray is not started here: one node, but a resource
 
     monkeypatch.delenv(ENV_RESUME_SECRET)
     with pytest.raises(ValueError, match="multi-node"):
-        build_app({"model": "tiny", "gateways": "3"})
+        build_app({"model": "tiny", "gateway_resource": "sinkserve-gateway"})
     with pytest.raises(ValueError, match="placeholder"):
         build_app({"model": "tiny", "resume_secret": "change-me-to-a-long-random-string"})
 

@@ -162,20 +162,45 @@ async def test_an_invalid_append_is_refused_on_its_own(address, append) -> None:
     assert messages[-1].HasField("closed")
 
 
-async def test_full_arena_refuses_new_sessions_only(address) -> None:
+async def test_idle_sessions_make_room_and_only_a_busy_service_refuses(address) -> None:
+    """More sessions than slots: idle ones leave the GPU (their next message rebuilds them), so
+    opens succeed; only when every slot holds a session with a reply in flight is an Open refused
+    (RESOURCE_EXHAUSTED), and that refusal hurts nothing."""
+
+    async def stats() -> pb.StatsResponse:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest())
+
     keeper = await AsyncSession.open(address)
-    sessions = [keeper]
-    async with grpc.aio.insecure_channel(address) as channel:
-        free = (await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest())).slots_free
+    before = await keeper.reply(text="remember this", generate=GREEDY)
+    total = (await stats()).slots_total
+    sessions = [keeper] + [await AsyncSession.open(address) for _ in range(total + 10)]
+    assert (await stats()).sessions_offloaded >= 11  # the keeper among them: idle longest
+    again = await keeper.reply(text="still fine", generate=GREEDY)  # rebuilt, then answered
+    assert again.end.stream_position == (
+        before.end.stream_position + again.end.input_tokens + again.end.generated_tokens
+    )
+
+    long = GenerationParams(max_new_tokens=100_000, temperature=0.0, ignore_eos=True)
+    by_replica: dict[str, list[AsyncSession]] = {}
+    for session in sessions[1:]:
+        by_replica.setdefault(session.replica_id, []).append(session)
+    while min(len(group) for group in by_replica.values()) < SLOTS:  # enough on each replica
+        session = await AsyncSession.open(address)
+        sessions.append(session)
+        by_replica[session.replica_id].append(session)
+    busy = [s for group in by_replica.values() for s in group[:SLOTS]]
+    for session in busy:  # every slot of every replica busy
+        await session.send(pb.ClientMessage(append=pb.Append(text="go on", generate=long)))
+    for _ in range(300):  # until every slot holds one of them (rebuilds take a moment)
+        if (await stats()).slots_free == 0:
+            break
+        await asyncio.sleep(0.1)
     with pytest.raises(SessionError) as full:
-        for _ in range(free + 5):
-            sessions.append(await AsyncSession.open(address))
+        await AsyncSession.open(address)
     assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert len(sessions) == free + 1  # every free slot was handed out before the refusal
-    reply = await keeper.reply(text="still fine", generate=GREEDY)
-    assert len(reply.ids) == GREEDY.max_new_tokens
-    await sessions.pop().close()
-    replacement = await AsyncSession.open(address)  # a freed slot is usable again
+    await asyncio.gather(*(session.cancel() for session in busy))
+    replacement = await AsyncSession.open(address)  # room again once replies end
     sessions.append(replacement)
     await asyncio.gather(*(s.close() for s in sessions))
 

@@ -12,8 +12,8 @@ import grpc
 import psutil
 import pytest
 
-from sinkserve.client import AsyncSession, SessionError
-from sinkserve.health import wait_serving
+from sinkserve.client import AsyncSession, ResumePolicy, SessionError, StreamResumed
+from sinkserve.health import is_serving, wait_serving
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from tests.service import free_port
 
@@ -28,6 +28,16 @@ def start(role: str, *args: str) -> subprocess.Popen:
     )
     assert "ready" in process.stdout.readline()
     return process
+
+
+async def _until_dropped(address: str, timeout_s: float = 30.0) -> None:
+    """Wait until the gateway at `address` has taken every replica out of routing (its health
+    turns NOT_SERVING)."""
+    for _ in range(int(timeout_s / 0.25)):
+        if not await asyncio.to_thread(is_serving, address):
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError("the gateway kept the frozen replica")
 
 
 def start_replica(port: int) -> subprocess.Popen:
@@ -66,10 +76,15 @@ async def test_a_few_seconds_of_engine_stall_keep_every_stream() -> None:
                 process.wait(timeout=30)
 
 
-async def test_an_unreachable_replica_ends_its_streams_and_its_sessions_resume() -> None:
+@pytest.mark.parametrize("auto_resume", [False, True])
+async def test_an_unreachable_replica_ends_its_streams_and_its_sessions_resume(
+    auto_resume: bool,
+) -> None:
     """Freeze the whole replica (gRPC process and engine) past the 5 s a gateway waits: the
-    stream in flight ends with UNAVAILABLE at once instead of hanging; once the replica is back,
-    the session resumes where its stream stood and goes on."""
+    stream in flight ends with UNAVAILABLE at once instead of hanging (the gateway has no session
+    store here, so nobody else can rebuild it); once the replica is back, the session resumes
+    where its stream stood and goes on. With the client's automatic resume, the reply in flight
+    ends in StreamResumed once the replica is back, and the same session object goes on."""
     replica_port, gateway_port = free_port(), free_port()
     replica = start_replica(replica_port)
     gateway = None
@@ -80,23 +95,37 @@ async def test_an_unreachable_replica_ends_its_streams_and_its_sessions_resume()
         )
         address = f"127.0.0.1:{gateway_port}"
         wait_serving(address, replicas=1, timeout_s=60)
-        session = await asyncio.wait_for(AsyncSession.open(address), 30)
+        policy = ResumePolicy() if auto_resume else None
+        session = await asyncio.wait_for(AsyncSession.open(address, resume_policy=policy), 30)
         endless = pb.GenerationParams(max_new_tokens=100_000, ignore_eos=True, temperature=0.0)
         reply = asyncio.create_task(session.reply(text="go on", generate=endless))
         await asyncio.sleep(1.0)
         frozen = [replica.pid] + [child.pid for child in psutil.Process(replica.pid).children()]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
-        with pytest.raises(SessionError) as ended:
-            await asyncio.wait_for(reply, 20)
-        assert ended.value.code == grpc.StatusCode.UNAVAILABLE
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
-        frozen = []
-        wait_serving(address, replicas=1, timeout_s=30)
-        resumed = await asyncio.wait_for(
-            AsyncSession.resume(address, session.session_id, session.resume_token), 30
-        )
+        if auto_resume:
+            await _until_dropped(address)  # the stream ends; the client keeps trying to resume
+            await asyncio.sleep(1.0)
+            assert not reply.done()
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            frozen = []
+            with pytest.raises(StreamResumed) as cut:
+                await asyncio.wait_for(reply, 60)
+            assert cut.value.cause.code == grpc.StatusCode.UNAVAILABLE
+            assert not cut.value.rebuilt and cut.value.lost_tokens == 0  # it was never lost
+            resumed = session
+        else:
+            with pytest.raises(SessionError) as ended:
+                await asyncio.wait_for(reply, 20)
+            assert ended.value.code == grpc.StatusCode.UNAVAILABLE
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            frozen = []
+            wait_serving(address, replicas=1, timeout_s=30)
+            resumed = await asyncio.wait_for(
+                AsyncSession.resume(address, session.session_id, session.resume_token), 30
+            )
         assert resumed.opened.resumed and resumed.opened.stream_position > 0  # tokens kept
         params = pb.GenerationParams(max_new_tokens=20, ignore_eos=True, temperature=0.0)
         assert (

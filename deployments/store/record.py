@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 RECORD_VERSION = 1
@@ -26,7 +27,7 @@ class SessionRecord:
     """One session's checkpoint. `epoch` and `replica_id` say who may write it (fencing)."""
 
     session_id: str
-    tokens: tuple[int, ...]  # held ids in stream order: the sinks, then the tail
+    tokens: Sequence[int]  # held ids in stream order: the sinks, then the tail
     stream_pos: int  # tokens in the stream so far, >= len(tokens)
     open_reply: int | None  # chat state: None, -1, or the EOS id that ended the last reply
     owner: str  # API key name that opened the session; "" when auth is off
@@ -42,6 +43,17 @@ class SessionRecord:
             raise ValueError(
                 f"session {self.session_id}: stream_pos {self.stream_pos} < {len(self.tokens)} held tokens"
             )
+
+    @classmethod
+    def from_snapshot_bytes(cls, token_bytes: bytes, **fields: object) -> SessionRecord:
+        """A record whose tokens come as native int32 bytes (an engine snapshot's), unconverted."""
+        tokens = array("i")
+        tokens.frombytes(token_bytes)
+        return cls(tokens=tokens, **fields)
+
+    def token_bytes(self) -> bytes:
+        """The tokens as native int32 bytes (what an engine restores a session from)."""
+        return array("i", self.tokens).tobytes()
 
     def to_bytes(self) -> bytes:
         """The stored form; ValueError when a field does not fit it (an id outside int32...)."""

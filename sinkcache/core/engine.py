@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +25,16 @@ from sinkcache.core.runner import ModelRunner, StepResult
 from sinkcache.core.scheduler import Scheduler
 from sinkcache.core.session import Request, Session, SessionState, StreamTokens
 from sinkcache.errors import InvalidRequestError, SessionExistsError, SessionNotFoundError
-from sinkcache.events import EndReason, TurnEndEvent
+from sinkcache.events import EndReason, SessionSnapshot, TurnEndEvent
 from sinkcache.inputs import AppendInput, GenerationParams, TokenInput
 
 log = logging.getLogger(__name__)
 
 
 class _Discard:
-    """A sink that drops events (warm-up requests)."""
+    """A sink that drops events (warm-up and rebuild requests): a host finds nothing to deliver."""
+
+    events = ()
 
     def push(self, event: Any) -> None:
         pass
@@ -74,6 +77,10 @@ class EngineCore:
         self.sessions: dict[str, Session] = {}
         self.counters = EngineCounters()
         self._inflight: tuple[StepRecord, StepResult, float] | None = None
+        # Snapshots for a session store: off until a host asks for them (watch_snapshots). One per
+        # session is kept until taken, the newest.
+        self._snapshots: dict[str, SessionSnapshot] | None = None
+        self._snapshot_every = max(1, geometry.window // 2)  # reply tokens between snapshots
 
     # -- sessions ----------------------------------------------------------------------------------
     def open_session(self, session_id: str, stream_base: int = 0) -> Session:
@@ -148,6 +155,57 @@ class EngineCore:
         be fed to rebuild it elsewhere."""
         session = self.session(session_id)
         return session.tokens.held(len(session.pending))
+
+    def restore_session(
+        self, session_id: str, tokens: list[int], stream_pos: int, open_reply: int | None
+    ) -> Session:
+        """Rebuild a session from a snapshot: a fresh slot fed `tokens` (one chunked prefill, no
+        reply), its stream position continuing at `stream_pos`. The cache is then exactly what a
+        fresh session fed those ids holds (the recomputation oracle's), not the lost cache, whose
+        window keys had attended to tokens since evicted. Appends may follow at once; they run
+        after the rebuild."""
+        if not 0 <= len(tokens) <= stream_pos:
+            raise InvalidRequestError(
+                f"a snapshot of {len(tokens)} tokens cannot end at stream position {stream_pos}"
+            )
+        capacity = self.arena.geometry.capacity
+        if len(tokens) > capacity + 1:
+            raise InvalidRequestError(
+                f"a snapshot holds at most {capacity + 1} tokens here, got {len(tokens)}"
+            )
+        session = self.open_session(session_id, stream_base=stream_pos - len(tokens))
+        if tokens:
+            self.submit(session_id, TokenInput(tuple(tokens)), None, False, _Discard())
+        session.open_reply = open_reply
+        return session
+
+    def offload_session(self, session_id: str) -> SessionSnapshot:
+        """Take an idle session off the device: its snapshot, and its slot freed."""
+        session = self.session(session_id)
+        if session.active is not None or session.queue:
+            raise InvalidRequestError(f"session {session_id!r} is busy")
+        snapshot = self._snapshot(session, len(session.pending), session.stream_pos)
+        if self._snapshots is not None:
+            self._snapshots.pop(session_id, None)
+        self._release(session)
+        return snapshot
+
+    def watch_snapshots(self) -> None:
+        """From now on, snapshot every session at each turn end and every window/2 reply tokens;
+        the host takes them with `take_snapshots` (for a session store)."""
+        if self._snapshots is None:
+            self._snapshots = {}
+
+    def take_snapshots(self) -> list[SessionSnapshot]:
+        if not self._snapshots:
+            return []
+        snapshots, self._snapshots = list(self._snapshots.values()), {}
+        return snapshots
+
+    @staticmethod
+    def _snapshot(session: Session, pending: int, stream_pos: int) -> SessionSnapshot:
+        tokens = array("i", session.tokens.held(pending)).tobytes()
+        return SessionSnapshot(session.session_id, tokens, stream_pos, session.open_reply)
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every running and queued request (the loop is going down)."""
@@ -241,6 +299,11 @@ class EngineCore:
         ended = self.outputs.token(session, request, token)
         if ended is not None:
             self._finish(session, request, *ended)
+        elif self._snapshots is not None and request.emitted % self._snapshot_every == 0:
+            # Mid-reply: the stream is the input and the reply so far; the newest reply token is
+            # not written yet, so a rebuild keeps it pending.
+            stream_pos = request.stream_start + request.emitted
+            self._snapshots[session.session_id] = self._snapshot(session, 1, stream_pos)
 
     # -- requests ending and starting --------------------------------------------------------------
     def _advance(self, session: Session) -> None:
@@ -272,6 +335,10 @@ class EngineCore:
         self._end(request, reason, session, generated, detail)
         self.scheduler.drop(session)
         session.active = None
+        if self._snapshots is not None and not session.closing:
+            # Before the next queued request joins the stream: the turn's end, exactly.
+            snapshot = self._snapshot(session, len(session.pending), session.stream_pos)
+            self._snapshots[session.session_id] = snapshot
         if session.closing:
             self._release(session)
         else:
@@ -293,6 +360,8 @@ class EngineCore:
         self.outputs.end(request, event)
 
     def _release(self, session: Session) -> None:
+        if self._snapshots is not None:
+            self._snapshots.pop(session.session_id, None)
         self.scheduler.drop(session)
         self.arena.release(session.slot)
         del self.sessions[session.session_id]

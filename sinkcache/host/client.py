@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sinkcache.errors import EngineStoppedError
-from sinkcache.events import Event, TokensEvent, TurnEndEvent
+from sinkcache.events import Event, SessionSnapshot, TokensEvent, TurnEndEvent
 from sinkcache.host.commands import (
     CancelReply,
     CloseSession,
@@ -26,9 +26,12 @@ from sinkcache.host.commands import (
     GetSessionInfo,
     GetStats,
     HoldDecode,
+    OffloadSession,
     OpenSession,
+    RestoreSession,
     Submit,
     TakeStepSeconds,
+    WatchSnapshots,
 )
 from sinkcache.host.protocol import EngineStats, SessionInfo
 from sinkcache.inputs import AppendInput, GenerationParams
@@ -92,6 +95,7 @@ class EngineClient:
         self._error: BaseException | None = None
         self._last_stats: EngineStats | None = None
         self._pending_stats: asyncio.Future[EngineStats] | None = None
+        self._on_snapshots: Callable[[list[SessionSnapshot]], None] | None = None
 
     @property
     def error(self) -> BaseException | None:
@@ -145,6 +149,22 @@ class EngineClient:
     async def held_tokens(self, session_id: str) -> list[int]:
         return await self._call(GetHeldTokens(session_id))
 
+    async def restore_session(self, snapshot: SessionSnapshot) -> SessionInfo:
+        """Rebuild a session from its snapshot (see EngineCore.restore_session)."""
+        command = RestoreSession(
+            snapshot.session_id, snapshot.tokens, snapshot.stream_pos, snapshot.open_reply
+        )
+        return await self._call(command)
+
+    async def offload_session(self, session_id: str) -> SessionSnapshot:
+        """Take an idle session off the device; its snapshot rebuilds it later."""
+        return await self._call(OffloadSession(session_id))
+
+    async def watch_snapshots(self, callback: Callable[[list[SessionSnapshot]], None]) -> None:
+        """Have `callback` receive session snapshots (turn ends, long replies) once per flush."""
+        self._on_snapshots = callback
+        await self._call(WatchSnapshots())
+
     async def stats(self, max_wait_s: float = 0.5) -> EngineStats:
         """A fresh snapshot, or the last one if the engine is busy longer than `max_wait_s` (a
         long step must not make health checks and routing think the engine is gone)."""
@@ -171,7 +191,9 @@ class EngineClient:
         else:
             future.set_exception(value)
 
-    def _on_events(self, batch: EventBatch) -> None:
+    def _on_events(self, batch: EventBatch, snapshots: list[SessionSnapshot]) -> None:
+        if snapshots and self._on_snapshots is not None:
+            self._on_snapshots(snapshots)
         for request_id, events in batch:
             stream = self._streams.get(request_id)
             if stream is None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sinkcache.events import SessionSnapshot
 from sinkcache.inputs import AppendInput, GenerationParams
 
 
@@ -55,6 +56,24 @@ class GetHeldTokens:
 
 
 @dataclass(frozen=True)
+class RestoreSession:
+    session_id: str
+    tokens: bytes  # a SessionSnapshot's ids (array('i') bytes)
+    stream_pos: int
+    open_reply: int | None
+
+
+@dataclass(frozen=True)
+class OffloadSession:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class WatchSnapshots:
+    pass
+
+
+@dataclass(frozen=True)
 class GetStats:
     pass
 
@@ -72,8 +91,13 @@ Command = (
     | HoldDecode
     | CloseSession
     | GetHeldTokens
+    | RestoreSession
+    | OffloadSession
+    | WatchSnapshots
     | GetStats
     | TakeStepSeconds
 )
 Reply = Callable[[bool, Any], None]  # (ok, value) or (False, error)
 EventBatch = list[tuple[int, list[Any]]]  # (request id, its new events) per request
+# What one flush of the engine loop delivers: request events, and session snapshots (if watched).
+Delivery = tuple[EventBatch, list[SessionSnapshot]]

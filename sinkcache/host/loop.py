@@ -10,11 +10,13 @@ message, not per token). Only the loop's thread touches the core.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import threading
 import time
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 from sinkcache.core.engine import EngineCore
 from sinkcache.core.session import Session
 from sinkcache.errors import EngineError, EngineStoppedError, SessionNotFoundError
+from sinkcache.events import SessionSnapshot
 from sinkcache.host.commands import (
     CancelReply,
     CloseSession,
@@ -31,10 +34,13 @@ from sinkcache.host.commands import (
     GetSessionInfo,
     GetStats,
     HoldDecode,
+    OffloadSession,
     OpenSession,
     Reply,
+    RestoreSession,
     Submit,
     TakeStepSeconds,
+    WatchSnapshots,
 )
 from sinkcache.host.protocol import EngineStats, SessionInfo
 
@@ -47,7 +53,7 @@ class EngineLoop:
     def __init__(
         self,
         core: EngineCore,
-        deliver: Callable[[set[Any]], None],
+        deliver: Callable[[set[Any], list[SessionSnapshot]], None],
         flush_interval: float = 0.005,
         max_events_per_s: float = 5000.0,
     ) -> None:
@@ -99,8 +105,9 @@ class EngineLoop:
     def _flush(self, now: float) -> None:
         self._last_flush = now
         sinks = self.core.take_dirty()
-        if sinks:
-            self.deliver(sinks)
+        snapshots = self.core.take_snapshots()
+        if sinks or snapshots:
+            self.deliver(sinks, snapshots)
 
 
 class Outbox:
@@ -150,7 +157,7 @@ def session_info(core: EngineCore, session: Session) -> SessionInfo:
     )
 
 
-def engine_stats(core: EngineCore, engine_rss_bytes: int) -> EngineStats:
+def engine_stats(core: EngineCore, engine_rss_bytes: int, engine_pid: int) -> EngineStats:
     arena, counters = core.arena, core.counters
     recent = sorted(list(counters.step_seconds)[-256:])
     return EngineStats(
@@ -170,15 +177,23 @@ def engine_stats(core: EngineCore, engine_rss_bytes: int) -> EngineStats:
         kv_bytes=arena.nbytes(),
         device=str(arena.device),
         engine_rss_bytes=engine_rss_bytes,
+        engine_pid=engine_pid,
     )
 
 
 class LoopCommands:
     """Runs commands against the core; called on the engine loop's thread only."""
 
-    def __init__(self, core: EngineCore, engine_rss_bytes: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        engine_rss_bytes: Callable[[], int] = lambda: 0,
+        engine_pid: int = 0,
+    ) -> None:
+        """`engine_rss_bytes` and `engine_pid` describe the engine's own process, if it has one."""
         self.core = core
         self._engine_rss_bytes = engine_rss_bytes
+        self._engine_pid = engine_pid
         self._steps_taken = 0
 
     def run(self, command: Command, reply: Reply) -> None:
@@ -212,8 +227,18 @@ class LoopCommands:
                 return core.close(session_id)
             case GetHeldTokens(session_id):
                 return core.held_tokens(session_id)
+            case RestoreSession(session_id, tokens, stream_pos, open_reply):
+                ids = array("i")
+                ids.frombytes(tokens)
+                session = core.restore_session(session_id, ids.tolist(), stream_pos, open_reply)
+                # Where the stream stands once the rebuild (queued now) has run.
+                return dataclasses.replace(session_info(core, session), stream_pos=stream_pos)
+            case OffloadSession(session_id):
+                return core.offload_session(session_id)
+            case WatchSnapshots():
+                return core.watch_snapshots()
             case GetStats():
-                return engine_stats(core, self._engine_rss_bytes())
+                return engine_stats(core, self._engine_rss_bytes(), self._engine_pid)
             case TakeStepSeconds():
                 samples = core.counters.step_seconds_after(self._steps_taken)
                 self._steps_taken = core.counters.steps

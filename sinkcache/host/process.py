@@ -118,7 +118,7 @@ class ProcessEngine(EngineClient):
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
         if kind == "events":
-            self._on_events(message[1])
+            self._on_events(message[1], message[2])
         elif kind == "reply":
             self._on_reply(*message[1:])
         elif kind == "failed":
@@ -146,7 +146,7 @@ class _Child:
         self.conn = conn
         core = build_core(config)
         rss = psutil.Process().memory_info
-        self.commands = LoopCommands(core, lambda: rss().rss)
+        self.commands = LoopCommands(core, lambda: rss().rss, os.getpid())
         self._take_events = take_events
         self.loop = EngineLoop(
             core, self._deliver, config.flush_interval_s, config.max_events_per_s
@@ -177,10 +177,8 @@ class _Child:
     def _reply(self, call_id: int, ok: bool, value: Any) -> None:
         self.conn.send(("reply", call_id, ok, value))
 
-    def _deliver(self, outboxes: set) -> None:
-        batch = self._take_events(outboxes)
-        if batch:
-            self.conn.send(("events", batch))
+    def _deliver(self, outboxes: set, snapshots: list) -> None:
+        self.conn.send(("events", self._take_events(outboxes), snapshots))
 
 
 def main() -> None:

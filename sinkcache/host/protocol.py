@@ -5,11 +5,11 @@ Torch-free: the replica's gRPC process talks to an engine in another process thr
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sinkcache.events import Event
+from sinkcache.events import Event, SessionSnapshot
 from sinkcache.inputs import AppendInput, GenerationParams
 
 
@@ -42,6 +42,7 @@ class EngineStats:
     kv_bytes: int
     device: str
     engine_rss_bytes: int  # the engine's own process; 0 when it shares the caller's
+    engine_pid: int  # the engine's own process; 0 when it shares the caller's
     decode_held: int = 0  # generating sessions held for a slow reader (backpressure)
 
 
@@ -81,6 +82,18 @@ class Engine(Protocol):
     async def close(self, session_id: str) -> None: ...
 
     async def held_tokens(self, session_id: str) -> list[int]: ...
+
+    async def restore_session(self, snapshot: SessionSnapshot) -> SessionInfo:
+        """Rebuild a session from its snapshot, in a free slot."""
+        ...
+
+    async def offload_session(self, session_id: str) -> SessionSnapshot:
+        """Take an idle session off the device; its snapshot rebuilds it later."""
+        ...
+
+    async def watch_snapshots(self, callback: Callable[[list[SessionSnapshot]], None]) -> None:
+        """Have `callback` receive session snapshots (turn ends, long replies) once per flush."""
+        ...
 
     async def stats(self) -> EngineStats: ...
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from sinkcache.core.engine import EngineCore
 from sinkcache.errors import EngineStoppedError
+from sinkcache.events import SessionSnapshot
 from sinkcache.host.client import EngineClient
 from sinkcache.host.commands import Command
 from sinkcache.host.loop import EngineLoop, LoopCommands, Outbox, take_events
@@ -49,8 +50,8 @@ class ThreadEngine(EngineClient):
             error = EngineStoppedError(f"engine failed: {self.loop.error}")
             self._to_event_loop(self._on_lost, error)
 
-    def _deliver(self, outboxes: set[Outbox]) -> None:
-        self._to_event_loop(self._on_events, take_events(outboxes))
+    def _deliver(self, outboxes: set[Outbox], snapshots: list[SessionSnapshot]) -> None:
+        self._to_event_loop(self._on_events, take_events(outboxes), snapshots)
 
     def _answer(self, call_id: int, ok: bool, value: Any) -> None:
         self._to_event_loop(self._on_reply, call_id, ok, value)

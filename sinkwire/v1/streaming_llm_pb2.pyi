@@ -104,7 +104,7 @@ class ServerMessage(_message.Message):
     def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., turn_end: _Optional[_Union[TurnEnd, _Mapping]] = ..., closed: _Optional[_Union[Closed, _Mapping]] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "resume_token", "replica_id", "sink_tokens", "window_tokens", "capacity", "stream_position", "resumed", "model")
+    __slots__ = ("session_id", "resume_token", "replica_id", "sink_tokens", "window_tokens", "capacity", "stream_position", "resumed", "model", "rebuilt")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class Opened(_message.Message):
     STREAM_POSITION_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REBUILT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     resume_token: str
     replica_id: str
@@ -123,7 +124,8 @@ class Opened(_message.Message):
     stream_position: int
     resumed: bool
     model: str
-    def __init__(self, session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., replica_id: _Optional[str] = ..., sink_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ..., capacity: _Optional[int] = ..., stream_position: _Optional[int] = ..., resumed: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+    rebuilt: bool
+    def __init__(self, session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., replica_id: _Optional[str] = ..., sink_tokens: _Optional[int] = ..., window_tokens: _Optional[int] = ..., capacity: _Optional[int] = ..., stream_position: _Optional[int] = ..., resumed: _Optional[bool] = ..., model: _Optional[str] = ..., rebuilt: _Optional[bool] = ...) -> None: ...
 
 class Tokens(_message.Message):
     __slots__ = ("ids", "text", "stream_position")
@@ -186,23 +188,27 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free", "gateway_rss_bytes")
+    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free", "gateway_rss_bytes", "sessions_offloaded", "sessions_stored")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OFFLOADED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_STORED_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
     sessions: int
     slots_total: int
     slots_used: int
     slots_free: int
     gateway_rss_bytes: int
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ...) -> None: ...
+    sessions_offloaded: int
+    sessions_stored: int
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., sessions_stored: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
-    __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model", "process_rss_bytes", "decode_tokens", "prefill_tokens", "sessions_by_key", "decode_held")
+    __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model", "process_rss_bytes", "decode_tokens", "prefill_tokens", "sessions_offloaded", "checkpoints_written", "checkpoint_failures", "draining", "hostname", "pid", "engine_pid", "sessions_by_key", "decode_held")
     class SessionsByKeyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +230,13 @@ class ReplicaStats(_message.Message):
     PROCESS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OFFLOADED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PID_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_BY_KEY_FIELD_NUMBER: _ClassVar[int]
     DECODE_HELD_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
@@ -240,6 +253,13 @@ class ReplicaStats(_message.Message):
     process_rss_bytes: int
     decode_tokens: int
     prefill_tokens: int
+    sessions_offloaded: int
+    checkpoints_written: int
+    checkpoint_failures: int
+    draining: bool
+    hostname: str
+    pid: int
+    engine_pid: int
     sessions_by_key: _containers.ScalarMap[str, int]
     decode_held: int
-    def __init__(self, replica_id: _Optional[str] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., process_rss_bytes: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., sessions_by_key: _Optional[_Mapping[str, int]] = ..., decode_held: _Optional[int] = ...) -> None: ...
+    def __init__(self, replica_id: _Optional[str] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., process_rss_bytes: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., checkpoints_written: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., draining: _Optional[bool] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., engine_pid: _Optional[int] = ..., sessions_by_key: _Optional[_Mapping[str, int]] = ..., decode_held: _Optional[int] = ...) -> None: ...
