@@ -42,7 +42,7 @@ class GatewayGuard:
 
     @classmethod
     def from_settings(cls, settings: AppSettings) -> GatewayGuard:
-        """The guard `settings` ask for (their resume secret must be resolved already)."""
+        """The guard `settings` ask for (keys from `api_keys` or SINKSERVE_API_KEYS)."""
         return cls(
             keys=KeyRing.from_settings(settings.api_keys),
             internal_token=internal_token(settings.resume_secret),
@@ -52,7 +52,7 @@ class GatewayGuard:
 
     def __init__(
         self,
-        keys=None,  # deployments.auth.KeyRing, or None: a service without keys
+        keys: KeyRing | None = None,  # None: a service without keys
         internal_token: str = "",
         max_message_bytes: int = 4 * 1024 * 1024,
         quota_burst_s: float = 10.0,
