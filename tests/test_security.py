@@ -426,3 +426,34 @@ def test_gateways_share_token_charges_and_count_sessions_by_owner() -> None:
         quotas.admit_append("alice", limited, bucket)  # more than the 1 s burst to wait
     quotas.charge_others({"alice": 5, "carol": 7})
     assert bucket.wait_s() > 2.0 and quotas.take_charges() == {"alice": 30}
+
+
+async def test_blocking_and_asyncio_clients_send_keys_over_plaintext_too(keys) -> None:
+    """Without TLS (loopback, or TLS ended by a proxy) the key goes as metadata added by a client
+    interceptor, on blocking and asyncio channels alike."""
+    from sinkwire.channels import sync_channel
+
+    settings = AppSettings.from_args({"host": "127.0.0.1", "api_keys": keys["file"]})
+    gateway = GatewayService(guard=GatewayGuard.from_settings(settings))
+    port = free_port()
+    server = await gateway.start("127.0.0.1", port)
+    address = f"127.0.0.1:{port}"
+
+    def stats(who: str | None) -> grpc.StatusCode:
+        with sync_channel(address, Credentials(api_key=keys[who] if who else None)) as channel:
+            try:
+                pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=10)
+            except grpc.RpcError as error:
+                return error.code()
+        return grpc.StatusCode.OK
+
+    try:
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, stats, "admin") == grpc.StatusCode.OK
+        assert await loop.run_in_executor(None, stats, "user") == grpc.StatusCode.PERMISSION_DENIED
+        assert await loop.run_in_executor(None, stats, None) == grpc.StatusCode.UNAUTHENTICATED
+        async with aio_channel(address, Credentials(api_key=keys["admin"])) as channel:
+            await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=10)
+    finally:
+        await gateway.close()
+        await server.stop(0)
