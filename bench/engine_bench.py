@@ -9,7 +9,15 @@ Baselines, same shape and dtype: HF transformers eager with a DynamicCache kept 
 by evicting one token per step (batch 1 and batched), and the paper's sliding window with
 re-computation (every token recomputed from the last sink + window tokens).
 
+`graph ms` replays the captured graph of the bucket the step uses (the one for B sessions).
+Variants (`--variants`): `fused` (the default engine: small batches take the whole-layer kernels of
+sinkcache.core.ops.triton_linear), `unfused` (op-by-op kernels and cuBLAS at every batch), and
+`+pdl` on either (programmatic dependent launch). `--kv-dtype fp8_e4m3` measures the fp8 arena;
+its roofline counts its own bytes (codes + scales).
+
     python bench/engine_bench.py --json docs/bench_engine.json --plot docs/throughput_vs_sessions.png
+    python bench/engine_bench.py --rows "smollm2-135m:1020:1,256;llama3-8b:1020:128" \
+        --variants unfused,fused,fused+pdl --no-baselines --json rows.json
 """
 
 from __future__ import annotations
@@ -17,17 +25,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from sinkcache.config import PRESETS, EngineConfig, shape_to_hf_config
+from sinkcache.config import PRESETS, CacheGeometry, EngineConfig, shape_to_hf_config
+from sinkcache.core.arena import FP8, KV_DTYPES, kv_bytes_per_slot
+from sinkcache.core.attention import triton_tiles
+from sinkcache.core.runner import DECODE_BUCKETS
+from sinkcache.core.sampling import SamplerVariant
 from sinkcache.host.builder import build_core
 from sinkcache.inputs import GenerationParams, TokenInput
-from sinkcache.models.loader import load_model
+from sinkcache.models.loader import LoadedModel, random_model
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:
@@ -47,6 +61,13 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     return 2 * n * 2 / sorted(times[5:])[len(times[5:]) // 2]
 
 
+def random_loaded(preset: str, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    """Random weights in a preset's shape on the GPU, without a tokenizer (token ids only: the
+    GPU machine cannot fetch the default tokenizer)."""
+    shape = PRESETS[preset]
+    return LoadedModel(f"random:{preset}", shape, random_model(shape, dtype, "cuda"), None)
+
+
 class _Null:
     def push(self, event) -> None:
         pass
@@ -55,21 +76,61 @@ class _Null:
         raise error
 
 
-def engine_decode(
-    loaded, sink: int, window: int, sessions: int, steps: int, variant: str
-) -> dict[str, float]:
-    """Tokens/s of the engine loop with `sessions` full, wrapped slots all generating."""
+@contextmanager
+def variant_settings(variant: str):
+    """Engine kernel choices for one measurement, optionally with `+pdl`: `fused` (the engine's
+    default: whole-layer kernels up to triton_linear.fused_rows(shape) rows), `fusedall` (at every
+    batch size), `unfused` (never)."""
+    previous = os.environ.get("SINKSERVE_FUSED_ROWS")
+    base = variant.removesuffix("+pdl")
+    if base == "unfused":
+        os.environ["SINKSERVE_FUSED_ROWS"] = "0"
+    elif base == "fusedall":
+        os.environ["SINKSERVE_FUSED_ROWS"] = str(1 << 30)
+    elif base != "fused":
+        raise ValueError(f"unknown variant {variant!r}")
+    triton_tiles.set_pdl(variant.endswith("+pdl"))
+    try:
+        yield
+    finally:
+        triton_tiles.set_pdl(False)
+        if previous is None:
+            os.environ.pop("SINKSERVE_FUSED_ROWS", None)
+        else:
+            os.environ["SINKSERVE_FUSED_ROWS"] = previous
+
+
+def fill_random(arena) -> None:
+    """Random cache contents (never time on zeros); fp8 arenas get codes of N(0, 1) and scales."""
+    with torch.no_grad():
+        for layer in range(arena.k.shape[0]):
+            for t in (arena.k[layer], arena.v[layer]):
+                if t.dtype == FP8:
+                    t.copy_(torch.randn(t.shape, dtype=torch.bfloat16, device=t.device))
+                else:
+                    t.normal_(0.0, 1.0)
+        if arena.quantized:
+            arena.k_scale.uniform_(0.01, 0.03)
+            arena.v_scale.uniform_(0.01, 0.03)
+
+
+def decoding_core(
+    loaded, sink: int, window: int, sessions: int, kv_dtype: str = "auto", spare: int = 0
+):
+    """An engine whose `sessions` slots are full and wrapped, every session generating greedily;
+    prefilled and past its graph capture. `spare` more slots stay free."""
     config = EngineConfig(
-        model=loaded.name, sink=sink, window=window, slots=sessions, cuda_graphs=True
+        model=loaded.name,
+        sink=sink,
+        window=window,
+        slots=sessions + spare,
+        cuda_graphs=True,
+        kv_dtype=kv_dtype,
     )
-    core = build_core(config, loaded)
+    core = build_core(config, loaded, warm_up=False)  # only this batch size's graph is needed
     arena = core.arena
-    with torch.no_grad():  # random cache contents (never time on zeros)
-        for t in (arena.k, arena.v):
-            t.normal_(0.0, 1.0)
-    temperature = 0.0 if variant == "greedy" else 1.0
-    params = GenerationParams(max_new_tokens=10**9, temperature=temperature, ignore_eos=True)
-    capacity = sink + window
+    fill_random(arena)
+    params = GenerationParams(max_new_tokens=10**9, temperature=0.0, ignore_eos=True)
     for i in range(sessions):
         session = core.open_session(f"s{i}")
         stream_pos = 10**6 + 7 * i  # deep into the stream: the ring has wrapped many times
@@ -80,20 +141,43 @@ def engine_decode(
         core.step()
     torch.cuda.synchronize()
     assert len(core.scheduler.decoding) == sessions
+    return core
+
+
+def step_graph(core, sessions: int):
+    """The captured decode graph a step of `sessions` greedy rows replays."""
+    bucket = next(b for b in DECODE_BUCKETS if b >= sessions)
+    return core.runner._graphs[bucket, SamplerVariant.GREEDY]
+
+
+def time_graph(graph, replays: int = 20) -> float:
+    """ms per replay, median of 5 runs of `replays` back-to-back replays."""
+    runs = []
+    for _ in range(5):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        runs.append(begin.elapsed_time(end) / replays)
+    return sorted(runs)[len(runs) // 2]
+
+
+def engine_decode(
+    loaded, sink: int, window: int, sessions: int, steps: int, kv_dtype: str = "auto"
+) -> dict[str, float]:
+    """Tokens/s of the engine loop with `sessions` full, wrapped slots all generating."""
+    core = decoding_core(loaded, sink, window, sessions, kv_dtype)
+    arena = core.arena
+    capacity = sink + window
     start = time.perf_counter()
     for _ in range(steps):
         core.step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     # GPU time of the captured step alone (the CUDA graph), to separate host overhead.
-    graph = next(iter(core.runner._graphs.values()))
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    graph_ms = begin.elapsed_time(end) / 20
+    graph_ms = time_graph(step_graph(core, sessions))
     filled = int(arena.seen[core.sessions["s0"].slot])
     assert filled > capacity
     del core, arena
@@ -166,12 +250,25 @@ def recompute_baseline(shape, span: int, steps: int = 10) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
+def parse_rows(spec: str) -> dict[str, dict[int, list[int]]]:
+    """ "smollm2-135m:1020:1,256;llama3-8b:1020:128" -> {preset: {window: [sessions]}}."""
+    plans: dict[str, dict[int, list[int]]] = {}
+    for part in spec.split(";"):
+        preset, window, batches = part.split(":")
+        plans.setdefault(preset, {})[int(window)] = [int(b) for b in batches.split(",")]
+    return plans
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="bench_engine.json")
     parser.add_argument("--plot", default=None)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="a few configurations only")
+    parser.add_argument("--rows", help='e.g. "smollm2-135m:1020:1,256;llama3-8b:1020:128"')
+    parser.add_argument("--variants", default="fused", help="fused, unfused, fused+pdl, ...")
+    parser.add_argument("--kv-dtype", default="auto", help="auto, fp8_e4m3, or both: auto,fp8_e4m3")
+    parser.add_argument("--no-baselines", action="store_true", help="skip HF and recompute")
     args = parser.parse_args()
 
     device = torch.cuda.get_device_name()
@@ -183,6 +280,10 @@ def main() -> None:
     }
     if args.quick:
         plans = {"smollm2-135m": {1020: [1, 256]}, "llama3-8b": {1020: [128]}}
+    if args.rows:
+        plans = parse_rows(args.rows)
+    variants = args.variants.split(",")
+    kv_dtypes = args.kv_dtype.split(",")
     rows: list[dict] = []
     baselines: list[dict] = []
     out = {
@@ -200,39 +301,57 @@ def main() -> None:
 
     for preset, caches in plans.items():
         shape = PRESETS[preset]
-        loaded = load_model(f"random:{preset}", torch.bfloat16, "cuda")
+        loaded = random_loaded(preset)
         weight_bytes = shape.weight_bytes(2)
         for window, batches in caches.items():
             sink = 4
-            cache_bytes = shape.kv_bytes_per_token(2) * (sink + window)
-            free = torch.cuda.mem_get_info()[0]
-            for batch in batches:
-                if batch * cache_bytes > 0.85 * free:
-                    print(f"{preset} cache {sink}+{window} B={batch}: does not fit, skipped")
-                    continue
-                result = engine_decode(loaded, sink, window, batch, args.steps, "greedy")
-                roof = batch * bandwidth / (weight_bytes + batch * cache_bytes)
-                row = {
-                    "model": preset,
-                    "sink": sink,
-                    "window": window,
-                    "sessions": batch,
-                    **result,
-                    "roofline_tokens_per_s": roof,
-                    "pct_roofline": 100 * result["tokens_per_s"] / roof,
-                }
-                rows.append(row)
-                save()
-                print(
-                    f"{preset:13s} cache {sink}+{window:<5d} B={batch:<5d} step {row['step_ms']:8.3f} ms"
-                    f" (graph {row['graph_ms']:7.3f})  {row['tokens_per_s']:10.0f} tok/s"
-                    f"  roofline {roof:10.0f}  {row['pct_roofline']:5.1f}%",
-                    flush=True,
+            for kv_dtype in kv_dtypes:
+                geometry_bytes = kv_bytes_per_slot(
+                    shape, CacheGeometry(sink, window), KV_DTYPES.get(kv_dtype, torch.bfloat16)
                 )
+                for batch in batches:
+                    free = torch.cuda.mem_get_info()[0]
+                    if batch * geometry_bytes > 0.85 * free:
+                        print(f"{preset} cache {sink}+{window} B={batch} {kv_dtype}: does not fit")
+                        continue
+                    for variant in variants:
+                        try:
+                            with variant_settings(variant):
+                                result = engine_decode(
+                                    loaded, sink, window, batch, args.steps, kv_dtype
+                                )
+                        except Exception as error:  # keep the other rows
+                            print(f"{preset} B={batch} {variant} {kv_dtype}: FAILED {error!r}")
+                            gc.collect()
+                            torch.cuda.empty_cache()
+                            continue
+                        roof = batch * bandwidth / (weight_bytes + batch * geometry_bytes)
+                        row = {
+                            "model": preset,
+                            "sink": sink,
+                            "window": window,
+                            "sessions": batch,
+                            "variant": variant,
+                            "kv_dtype": kv_dtype,
+                            **result,
+                            "roofline_tokens_per_s": roof,
+                            "pct_roofline": 100 * result["tokens_per_s"] / roof,
+                        }
+                        rows.append(row)
+                        save()
+                        print(
+                            f"{preset:13s} cache {sink}+{window:<5d} B={batch:<5d} "
+                            f"{variant:14s} kv={kv_dtype:8s} step {row['step_ms']:8.3f} ms"
+                            f" (graph {row['graph_ms']:7.3f})  {row['tokens_per_s']:10.0f} tok/s"
+                            f"  roofline {roof:10.0f}  {row['pct_roofline']:5.1f}%",
+                            flush=True,
+                        )
         del loaded
         gc.collect()
         torch.cuda.empty_cache()
 
+    if args.no_baselines:
+        return
     for preset, batches in {"smollm2-135m": [1, 64, 256], "llama3-8b": [1, 128]}.items():
         if args.quick:
             batches = batches[-1:]
@@ -262,9 +381,14 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    engine = [
+        r
+        for r in data["engine"]
+        if r.get("variant", "fused") == "fused" and r.get("kv_dtype", "auto") == "auto"
+    ]
     for ax, preset in zip(axes, ("smollm2-135m", "llama3-8b"), strict=True):
-        for window in sorted({r["window"] for r in data["engine"] if r["model"] == preset}):
-            rows = [r for r in data["engine"] if r["model"] == preset and r["window"] == window]
+        for window in sorted({r["window"] for r in engine if r["model"] == preset}):
+            rows = [r for r in engine if r["model"] == preset and r["window"] == window]
             xs = [r["sessions"] for r in rows]
             ax.plot(
                 xs,

@@ -1,12 +1,17 @@
-"""Tokens delivered to gRPC clients vs what the engine alone does, same workload, no Ray.
+"""Tokens delivered to gRPC clients vs what the engine alone does, same workload, same run.
 
-1. engine alone: N endless conversations driven in-process through ThreadEngine (no network);
-2. served: the same conversations from `sinkserve loadtest` processes, through gateway processes
-   (deployments.standalone gateway) to a replica process (deployments.standalone replica).
-Both use the same turns, sampling and reply lengths; the ratio of their tokens/s is the cost of the
-network path (client -> gateway -> replica -> engine and back).
+Arms (`--arms`, in the order given):
+  engine      N endless conversations driven in-process through ThreadEngine (no network);
+  standalone  the same conversations from `sinkserve loadtest` processes, through gateway
+              processes to a replica process, without Ray (deployments.standalone);
+  ray         the same through the Ray Serve application as users deploy it (`sinkserve serve`:
+              gateways, the replica placed on the GPU by num_gpus, its engine in a child process).
+`--store` (off, sqlite, or a URL) sets the served arms' session store; an arm may override it with
+a suffix: `ray+store` (SQLite) or `ray-nostore`. Every arm uses the same turns, sampling and reply
+lengths; each served arm's tokens/s over the engine's is the cost of its network path.
 
-    python bench/serve_bench.py --sessions 2000 --json docs/serve_bench.json
+    python bench/serve_bench.py --sessions 2000 --arms standalone,ray,ray+store,engine \
+        --json docs/serve_bench_h200.json
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def engine_alone(args: argparse.Namespace) -> dict:
             window=args.window,
             slots=args.sessions,
             flush_interval_s=args.flush_interval,
+            kv_dtype=args.kv_dtype,
         )
         engine = build_engine(config)
         engine.start()
@@ -76,13 +82,56 @@ def engine_alone(args: argparse.Namespace) -> dict:
     return asyncio.run(main())
 
 
-def served(args: argparse.Namespace, out: Path) -> dict:
+def served(args: argparse.Namespace, out: Path, arm: str) -> dict:
+    """One served arm: start its processes, run the load, collect the clients' results."""
+    kind, _, store_flag = arm.partition("+")
+    if arm.endswith("-nostore"):
+        kind, store = arm.removesuffix("-nostore"), "off"
+    else:
+        store = "sqlite" if store_flag == "store" else args.store
+    port = 50070 if kind == "standalone" else 50051
+    procs = _start_standalone(args, store) if kind == "standalone" else _start_ray(args, store)
+    try:
+        result = _load(args, out, arm, port, procs[0].pid if kind == "standalone" else None)
+        result["replica"] = asyncio.run(_replica_stats(f"localhost:{port}"))
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    result["store"] = store
+    return result
+
+
+def _start_ray(args: argparse.Namespace, store: str) -> list[subprocess.Popen]:
+    command = [
+        sys.executable, "-m", "sinkserve.cli", "serve", "--model", args.model,
+        "--window", str(args.window), "--slots", str(args.sessions),
+        "--flush-interval-s", str(args.flush_interval), "--gateways", str(args.gateways),
+        "--max-gateways-per-node", str(args.gateways), "--host", "127.0.0.1", "--port", "50051",
+        "--session-store", store, "--replicas", str(args.replicas),
+        *(["--gpus-per-replica", str(1 / args.replicas)] if args.replicas > 1 else []),
+        *(["--kv-dtype", args.kv_dtype] if args.kv_dtype != "auto" else []),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("ready"):
+            return [process]
+    raise RuntimeError(f"sinkserve serve exited ({process.wait()})")
+
+
+def _start_standalone(args: argparse.Namespace, store: str) -> list[subprocess.Popen]:
     settings = [
         f"model={args.model}",
         f"window={args.window}",
         f"slots={args.sessions}",
         f"flush_interval_s={args.flush_interval}",
         f"engine_process={not args.engine_thread}",
+        f"session_store={store}",
+        f"kv_dtype={args.kv_dtype}",
     ]
     procs = [
         subprocess.Popen(
@@ -113,12 +162,19 @@ def served(args: argparse.Namespace, out: Path) -> dict:
                 "--reuse-port",
                 "--replica",
                 "localhost:50071",
+                *(["--store", store] if store not in ("off", "sqlite") else []),
             ],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert "ready" in gateway.stdout.readline()
         procs.append(gateway)
+    return procs
+
+
+def _load(
+    args: argparse.Namespace, out: Path, arm: str, port: int, replica_pid: int | None
+) -> dict:
     time.sleep(2)
     per = args.sessions // args.clients
     clients = [
@@ -129,7 +185,7 @@ def served(args: argparse.Namespace, out: Path) -> dict:
                 "sinkserve.cli",
                 "loadtest",
                 "--target",
-                "localhost:50070",
+                f"localhost:{port}",
                 "--sessions",
                 str(per),
                 "--duration",
@@ -149,7 +205,7 @@ def served(args: argparse.Namespace, out: Path) -> dict:
                 "--seed",
                 str(c),
                 "--json",
-                str(out / f"client{c}.json"),
+                str(out / f"{arm}_client{c}.json"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -157,7 +213,7 @@ def served(args: argparse.Namespace, out: Path) -> dict:
         for c in range(args.clients)
     ]
     profiler = None
-    if args.profile:
+    if args.profile and replica_pid is not None:
         # Sample the replica (and its engine process) during the steady phase.
         time.sleep(args.ramp + 5)
         profiler = subprocess.Popen(
@@ -165,7 +221,7 @@ def served(args: argparse.Namespace, out: Path) -> dict:
                 "py-spy",
                 "record",
                 "--pid",
-                str(procs[0].pid),
+                str(replica_pid),
                 "--subprocesses",
                 "--duration",
                 "20",
@@ -178,13 +234,9 @@ def served(args: argparse.Namespace, out: Path) -> dict:
         )
     for client in clients:
         client.wait()
-    replica_stats = asyncio.run(_replica_stats("localhost:50071"))
     if profiler is not None:
         profiler.wait()
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=30)
-    results = [json.loads((out / f"client{c}.json").read_text()) for c in range(args.clients)]
+    results = [json.loads((out / f"{arm}_client{c}.json").read_text()) for c in range(args.clients)]
     return {
         "tokens_per_s": sum(r["tokens_per_s"] for r in results),
         "sessions_opened": sum(r["sessions_opened"] for r in results),
@@ -195,7 +247,6 @@ def served(args: argparse.Namespace, out: Path) -> dict:
         "itl_ms_p50": [r["itl_ms"]["p50"] for r in results],
         "itl_ms_p99": [r["itl_ms"]["p99"] for r in results],
         "turns": sum(r["turns"] for r in results),
-        "replica": replica_stats,
         "timeline": merged_timeline(results),
     }
 
@@ -214,7 +265,7 @@ def merged_timeline(results: list[dict]) -> list[dict]:
     return [merged[t] for t in sorted(merged)]
 
 
-async def _replica_stats(address: str) -> dict:
+async def _replica_stats(address: str) -> list[dict]:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
@@ -223,11 +274,11 @@ async def _replica_stats(address: str) -> dict:
 
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=10)
-    return MessageToDict(reply.replicas[0], preserving_proto_field_name=True)
+    return [MessageToDict(r, preserving_proto_field_name=True) for r in reply.replicas]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:smollm2-135m")
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--window", type=int, default=1020)
@@ -240,30 +291,37 @@ def main() -> None:
     parser.add_argument("--flush-interval", type=float, default=0.1)
     parser.add_argument("--gateways", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--replicas", type=int, default=1, help="ray arm: replicas sharing the GPU")
+    parser.add_argument("--kv-dtype", default="auto", help="auto or fp8_e4m3")
+    parser.add_argument("--store", default="off", help="served arms' session store")
+    parser.add_argument("--arms", default="standalone,engine", help="comma list, in order")
     parser.add_argument("--out", default=".")
     parser.add_argument("--json", default="serve_bench.json")
-    parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the replica for 20 s")
     parser.add_argument(
         "--engine-thread",
         action="store_true",
-        help="served: run the replica's engine on a thread of the gRPC process (not a child)",
+        help="standalone: run the replica's engine on a thread of the gRPC process",
     )
     args = parser.parse_args()
     out = Path(args.out)
-    result = {"date": date.today().isoformat(), "config": vars(args)}
-    # Served first: its replica process needs the GPU memory this process would keep cached.
-    result["served"] = served(args, out)
-    print(f"served through gateway: {result['served']['tokens_per_s']:.0f} tokens/s", flush=True)
-    if not args.skip_engine:
-        result["engine_alone"] = engine_alone(args)
-        print(f"engine alone: {result['engine_alone']['tokens_per_s']:.0f} tokens/s", flush=True)
-    if "engine_alone" in result:
-        ratio = result["served"]["tokens_per_s"] / result["engine_alone"]["tokens_per_s"]
-        result["served_over_engine"] = ratio
-        print(f"delivered / engine alone = {ratio:.1%}", flush=True)
-    print(json.dumps(result["served"], indent=1))
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"date": date.today().isoformat(), "config": vars(args), "arms": {}}
+
+    def save() -> None:  # after every arm, so a cut run keeps what it measured
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+    for arm in args.arms.split(","):
+        # Served arms run in their own processes and free the GPU when they stop.
+        result["arms"][arm] = engine_alone(args) if arm == "engine" else served(args, out, arm)
+        print(f"{arm}: {result['arms'][arm]['tokens_per_s']:.0f} tokens/s", flush=True)
+        save()
+    engine = result["arms"].get("engine")
+    if engine:
+        for arm, data in result["arms"].items():
+            if arm != "engine":
+                data["over_engine"] = data["tokens_per_s"] / engine["tokens_per_s"]
+                print(f"{arm} / engine alone = {data['over_engine']:.1%}", flush=True)
+    save()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -205,13 +207,14 @@ class GatewayService:
             except (StoreUnavailableError, TimeoutError):
                 log.warning("session store unavailable; routing %s by its id", session_id)
         if record is not None:
+            # Its holder first; if that refuses before answering (draining, its engine gone,
+            # no room to rebuild it), the next replica claims the session and rebuilds it.
             holder = self.backends.get(record.replica_id)
-            if holder is not None and holder.accepting:
-                return [holder]
-            rebuilders = self._by_room()
-            if not rebuilders:
+            rebuilders = [b for b in self._by_room() if b is not holder]
+            candidates = ([holder] if holder is not None and holder.accepting else []) + rebuilders
+            if not candidates:
                 raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
-            return rebuilders
+            return candidates
         if opener is None:
             if replica_of(session_id) in self._gone:  # it may come back: try again later
                 raise StreamError(
@@ -337,7 +340,11 @@ class GatewayService:
             return None
 
         answers = await asyncio.gather(*(one(b) for b in list(self.backends.values())))
-        response = pb.StatsResponse(gateway_rss_bytes=psutil.Process().memory_info().rss)
+        response = pb.StatsResponse(
+            gateway_rss_bytes=psutil.Process().memory_info().rss,
+            gateway_hostname=socket.gethostname(),
+            gateway_pid=os.getpid(),
+        )
         for answer in answers:
             if answer is None:
                 continue

@@ -40,8 +40,9 @@ from sinkwire.status import StreamError
 
 log = logging.getLogger(__name__)
 
-# How many least-recently-active idle sessions one full arena may offload to make room at once.
-_MAKE_ROOM_TRIES = 4
+# How long a rebuild waits for a slot when every slot holds a session with a request in flight
+# (replies end, and a slot with them); a new session is refused at once instead.
+REBUILD_WAIT_S = 10.0
 
 
 @dataclass(eq=False)
@@ -115,8 +116,11 @@ class ReplicaSessions:
         # bound to the owner, so another key's token is refused too (deployments/resume.py).
         known = self.entries.get(session_id)
         check_resume(self.settings.resume_secret, session_id, token, owner, known and known.owner)
-        self._refuse_while_draining()
         entry = self.entries.get(session_id)
+        if self.draining:
+            if entry is not None and self.store is not None:
+                await self._hand_off(entry)  # its newest state in the store, for the next replica
+            self._refuse_while_draining()
         if entry is None:
             claim = self._claims.setdefault(session_id, asyncio.Lock())
             async with claim:
@@ -130,8 +134,37 @@ class ReplicaSessions:
             if entry.resident:
                 info = await self.engine.session_info(session_id, settled=True)
                 return Attached(info, resumed=True, rebuilt=False)
-            info = await self._rebuild(entry)
+            try:
+                info = await self._rebuild(entry)
+            except ArenaFullError:
+                if self.store is not None:  # another replica may have room: let it claim it
+                    await self._hand_off(entry, locked=True)
+                raise
             return Attached(info, resumed=True, rebuilt=False)
+
+    async def _hand_off(self, entry: SessionEntry, locked: bool = False) -> None:
+        """Leave a session to whichever replica resumes it next: its newest snapshot written to
+        the store now, held by nobody, forgotten here. A replica that refuses a session it holds
+        does this first, so the next one rebuilds the newest state, not an older checkpoint."""
+        async with contextlib.AsyncExitStack() as stack:
+            if not locked:
+                await stack.enter_async_context(entry.lock)
+            if entry.stream is not None:
+                entry.stream.put_nowait(
+                    StreamError(grpc.StatusCode.UNAVAILABLE, "session moving to another replica")
+                )
+            if entry.resident:
+                try:  # a reply in flight ends first (its stream is gone, so it was cancelled)
+                    await self.engine.session_info(entry.session_id, settled=True)
+                    entry.snapshot = await self.engine.offload_session(entry.session_id)
+                except (SessionNotFoundError, InvalidRequestError, EngineStoppedError):
+                    return
+            self.writer.submit(self._record(entry, entry.snapshot))
+            if not await self.writer.flush():
+                raise StreamError(grpc.StatusCode.UNAVAILABLE, "the session store is unavailable")
+            with contextlib.suppress(StoreUnavailableError):
+                await self.store.release(entry.session_id, self.replica_id, entry.epoch)
+            self.entries.pop(entry.session_id, None)
 
     async def _claim(self, session_id: str) -> Attached:
         """A session this replica does not hold: take it over from the store and rebuild it."""
@@ -173,21 +206,31 @@ class ReplicaSessions:
     async def _rebuild(self, entry: SessionEntry) -> SessionInfo:
         """Put an offloaded session back into a slot (caller holds its lock)."""
         snapshot = entry.snapshot
-        info = await self._with_room(lambda: self.engine.restore_session(snapshot))
+        deadline = time.monotonic() + REBUILD_WAIT_S
+        while True:
+            try:
+                info = await self._with_room(lambda: self.engine.restore_session(snapshot))
+                break
+            except ArenaFullError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
         entry.snapshot = None
         entry.last_active = time.monotonic()
         return info
 
     async def _with_room(self, make):
         """Run `make()` (an open or a rebuild); when every slot is taken, offload the least
-        recently active idle sessions to make room, and try again."""
-        for _ in range(_MAKE_ROOM_TRIES):
+        recently active idle session to make room, and try again (others making room at the
+        same time may take a freed slot first: go on while idle sessions remain)."""
+        while True:
             try:
                 return await make()
             except ArenaFullError:
                 if not await self._offload_least_recent():
-                    break
-        raise ArenaFullError("every cache slot holds a session with a request in flight")
+                    raise ArenaFullError(
+                        "every cache slot holds a session with a request in flight"
+                    ) from None
 
     async def _offload_least_recent(self) -> bool:
         idle = [e for e in self.entries.values() if e.resident and e.inflight == 0]

@@ -153,6 +153,12 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "append":
+                    if self.sessions.draining:  # accepted turns finish; this one goes elsewhere
+                        await turns.join()
+                        raise StreamError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            "replica draining: resume the session and send the turn again",
+                        )
                     await turns.put(await self._submit(session_id, message.append))
                 elif kind == "cancel":
                     await self.engine.cancel(session_id)

@@ -34,6 +34,7 @@ def setting(default: Any, help: str) -> Any:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_DTYPES = ("auto", "fp8_e4m3")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 
 
@@ -56,6 +57,11 @@ class EngineConfig:
     kv_memory_gib: float | None = setting(None, "KV arena size in GiB (sets the slots)")
     dtype: str = setting(
         "auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    )
+    kv_dtype: str = setting(
+        "auto",
+        "KV arena element type: auto (the model dtype) or fp8_e4m3 (e4m3 codes with a float32 "
+        "scale per token and head: about half the bytes, so about twice the sessions)",
     )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")
     prefill_budget: int | None = setting(
@@ -85,6 +91,10 @@ class EngineConfig:
             problems.append(f"kv_memory_gib must be > 0, got {self.kv_memory_gib}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            problems.append(
+                f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}"
+            )
         if self.attention not in ATTENTION_BACKENDS:
             problems.append(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 EVAL_SETTINGS = (
-    "model", "sink", "window", "dtype", "device", "cuda_graphs", "attention", "prefill_budget",
+    "model", "sink", "window", "dtype", "kv_dtype", "device", "cuda_graphs", "attention",
+    "prefill_budget",
 )  # fmt: skip
 EVAL_WINDOW = 252  # the window of the paper-style evaluation (docs/BENCHMARKS.md, quality)
 # Settings the serve command does not take as flags: secrets belong in a config file or a
@@ -405,7 +406,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     if data["kills"]:
         failover = data["failover_ms"]
         rows = [
-            f"{len(data['kills'])} {args.chaos_target} process(es) killed",
+            f"{len(data['kills'])} process(es) killed ({args.chaos_target})",
             f"failover p50 {failover['p50']} ms, p99 {failover['p99']} ms",
             f"reply tokens lost {data['lost_reply_tokens']}",
         ]
@@ -484,8 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGKILL a replica process on this host every S seconds (after the ramp)",
     )  # fmt: skip
     lt.add_argument(
-        "--chaos-target", choices=("replica", "engine"), default="replica",
-        help="what --chaos-kill-every kills: a replica's process, or its engine process",
+        "--chaos-target", choices=("replica", "engine", "alternate", "gateway"),
+        default="replica",
+        help="what --chaos-kill-every kills: a replica's process, its engine process, each in "
+        "turn, or a gateway",
     )  # fmt: skip
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")

@@ -88,6 +88,7 @@ class ResumePolicy:
             grpc.StatusCode.UNKNOWN,  # the stream ended with no status
             grpc.StatusCode.INTERNAL,  # a connection reset surfaced as a protocol error
             grpc.StatusCode.CANCELLED,  # the server side went away mid-call
+            grpc.StatusCode.RESOURCE_EXHAUSTED,  # no slot free to rebuild it yet (on a resume)
         }
     )
 

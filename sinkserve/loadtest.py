@@ -8,6 +8,7 @@ answered cleanly) is a *refusal*, counted apart. Latencies go into HDR histogram
   ttft      time from sending a turn to its first reply tokens
   itl       inter-token latency: the gap before each Tokens message, spread over its tokens
   failover  from a stream breaking to the first reply token after the session resumed
+  resume    from a stream breaking to the session resumed on a new stream
 The server's Stats are sampled through the run (KV bytes, process memory) for the memory check.
 With `chaos_kill_every_s`, a replica process (or its engine process) on this host is SIGKILLed
 that often, to measure what faults cost.
@@ -99,7 +100,8 @@ class LoadConfig:
     stall_timeout_s: float = 60.0
     credentials: Credentials | None = None  # None: from the environment (SINKSERVE_API_KEY, ...)
     # Every this many seconds (after the ramp), SIGKILL one replica process on this host (or its
-    # engine process, chaos_target="engine"); None: no chaos.
+    # engine process, chaos_target="engine"; one then the other, "alternate"; or the gateway that
+    # answers, "gateway"); None: no chaos.
     chaos_kill_every_s: float | None = None
     chaos_target: str = "replica"
 
@@ -115,6 +117,9 @@ class LoadStats:
     open_failed: int = 0  # opens that failed otherwise
     resumed: int = 0
     lost_tokens: int = 0  # reply tokens seen by clients but not in their rebuilt sessions
+    # Turns whose end did not continue the stream exactly where the session stood before them
+    # (its position at the previous turn end, or where it resumed).
+    position_errors: int = 0
     kills: list[dict[str, Any]] = field(default_factory=list)
     turns: int = 0
     tokens: int = 0
@@ -122,6 +127,7 @@ class LoadStats:
     ttft: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     itl: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     failover: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
+    resume: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     timeline: list[dict[str, Any]] = field(default_factory=list)
     server: list[dict[str, Any]] = field(default_factory=list)
     active: int = 0
@@ -164,17 +170,20 @@ async def _converse(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
     )
     failed_at: float | None = None  # a stream broke then; the next first token ends the failover
+    position = session.opened.stream_position  # where the session's stream stands
     try:
         while time.monotonic() < deadline:
             words = rng.randint(*config.words_per_turn)
             text = " ".join(rng.choice(WORDS) for _ in range(words))
             try:
-                first_token_at = await _turn(session, text, params, stats, stall)
+                first_token_at, end = await _turn(session, text, params, stats, stall)
             except StreamResumed as resumed:  # the client library resumed it: the turn was cut
                 stats.error(resumed.cause)
                 stats.resumed += 1
                 stats.lost_tokens += resumed.lost_tokens
                 failed_at = failed_at or resumed.failed_at
+                stats.resume.record_value(max(1, int((time.monotonic() - failed_at) * 1e6)))
+                position = resumed.stream_position
                 continue
             except SessionError as error:
                 stats.error(error)
@@ -185,7 +194,14 @@ async def _converse(
                     return
                 session = resumed
                 stats.resumed += 1
+                position = session.opened.stream_position
                 continue
+            if end is None or end.stream_position != (
+                position + end.input_tokens + end.generated_tokens
+            ):
+                stats.position_errors += 1
+            else:
+                position = end.stream_position
             if failed_at is not None and first_token_at is not None:
                 stats.failover.record_value(max(1, int((first_token_at - failed_at) * 1e6)))
                 failed_at = None
@@ -225,15 +241,17 @@ async def _turn(
     params: pb.GenerationParams,
     stats: LoadStats,
     stall_timeout_s: float,
-) -> float | None:
-    """One turn; returns when its first reply token came (time.monotonic())."""
+) -> tuple[float | None, pb.TurnEnd]:
+    """One turn; returns when its first reply token came (time.monotonic()) and its end."""
     sent = time.monotonic()
-    last = first = None
+    last = first = end = None
     replies = aiter(session.append(chat=("user", text), generate=params))
     while True:
         message = await _within(anext(replies, None), stall_timeout_s)
         if message is None:
             break
+        if message.HasField("turn_end"):
+            end = message.turn_end
         if message.HasField("tokens"):
             now = time.monotonic()
             count = len(message.tokens.ids)
@@ -250,11 +268,14 @@ async def _turn(
             stats.tokens += count
             stats._window_tokens += count
     stats.turns += 1
-    return first
+    return first, end
 
 
-async def _chaos(config: LoadConfig, stats: LoadStats, stop: asyncio.Event) -> None:
-    """Every `chaos_kill_every_s`, SIGKILL one replica process on this host (or its engine)."""
+async def _chaos(
+    config: LoadConfig, stats: LoadStats, stop: asyncio.Event, deadline: float
+) -> None:
+    """Every `chaos_kill_every_s` of the run (after the ramp, before its end), SIGKILL one
+    replica process on this host (or its engine)."""
     rng = random.Random(config.seed)
     await asyncio.sleep(config.ramp_s)
     host = socket.gethostname()
@@ -266,15 +287,26 @@ async def _chaos(config: LoadConfig, stats: LoadStats, stop: asyncio.Event) -> N
                 return
             except TimeoutError:
                 pass
+            if time.monotonic() >= deadline:
+                return
             try:
                 reply = await stub.Stats(pb.StatsRequest(), timeout=5.0)
             except grpc.aio.AioRpcError:
                 continue
-            local = [r for r in reply.replicas if r.hostname == host and r.pid]
-            if not local:
-                continue
-            victim = rng.choice(local)
-            pid = victim.engine_pid if config.chaos_target == "engine" else victim.pid
+            target = config.chaos_target
+            if target == "alternate":  # a replica's process, then an engine process, and so on
+                target = ("replica", "engine")[len(stats.kills) % 2]
+            if target == "gateway":  # the one that answered: its clients must reconnect
+                if reply.gateway_hostname != host or not reply.gateway_pid:
+                    continue
+                victim_id, pid = f"gateway-{reply.gateway_pid}", reply.gateway_pid
+            else:
+                local = [r for r in reply.replicas if r.hostname == host and r.pid]
+                if not local:
+                    continue
+                victim = rng.choice(local)
+                victim_id = victim.replica_id
+                pid = victim.engine_pid if target == "engine" else victim.pid
             if not pid:
                 continue
             try:
@@ -284,8 +316,8 @@ async def _chaos(config: LoadConfig, stats: LoadStats, stop: asyncio.Event) -> N
             stats.kills.append(
                 {
                     "t": time.monotonic() - stats.started,
-                    "replica_id": victim.replica_id,
-                    "target": config.chaos_target,
+                    "victim": victim_id,
+                    "target": target,
                     "pid": pid,
                 }
             )
@@ -354,9 +386,9 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
     sampler = asyncio.create_task(_sample_server(config, stats, stop))
     progress = asyncio.create_task(_progress(stats, stop, live))
     background = [sampler, progress]
-    if config.chaos_kill_every_s:
-        background.append(asyncio.create_task(_chaos(config, stats, stop)))
     deadline = time.monotonic() + config.ramp_s + config.duration_s
+    if config.chaos_kill_every_s:
+        background.append(asyncio.create_task(_chaos(config, stats, stop, deadline)))
     try:
         await asyncio.gather(
             *(
@@ -414,8 +446,10 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
         "opens_refused": stats.refused,
         "opens_failed": stats.open_failed,
         "lost_reply_tokens": stats.lost_tokens,
+        "position_errors": stats.position_errors,
         "kills": stats.kills,
         "failover_ms": _percentiles(stats.failover),
+        "resume_ms": _percentiles(stats.resume),
         "errors": dict(stats.errors),
         "turns": stats.turns,
         "tokens": stats.tokens,

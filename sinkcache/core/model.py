@@ -8,11 +8,15 @@ gate/up projections are fused into single matmuls.
 Everything between the matmuls is a fused op of the backend (PyTorch on CPU, Triton on CUDA), so
 a layer is about ten kernels. The residual stream runs beside the hidden state, vLLM style: each
 norm adds the previous sublayer's output into the residual and normalises the sum in one op.
+A forward of at most `backend.fused_rows(shape)` tokens goes further and folds the element-wise ops
+into the matmuls, four launches a layer plus attention (`Block.forward_fused`,
+sinkcache.core.ops.triton_linear); measured slower than cuBLAS on the H200, so that is 0 by default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +48,7 @@ class ForwardBatch:
     prefill_slots: torch.Tensor  # [R] int64
     prefill_cu_seqlens: torch.Tensor  # [R + 1] int64
     prefill_seen: torch.Tensor  # [R] int64
-    logits_index: torch.Tensor  # [L] int64, tokens whose next-token logits are wanted
+    logits_index: torch.Tensor | None  # [L] int64, tokens whose logits are wanted; None: all
 
 
 class RMSNorm(nn.Module):
@@ -82,6 +86,7 @@ class Attention(nn.Module):
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
         k_cache, v_cache = arena.layer(self.layer)  # [slots + 1, Hkv, C, D]
+        k_scale, v_scale = arena.layer_scales(self.layer)  # [slots + 1, Hkv, C] (fp8) or None
         # Rotates q (twice: recent and sink positions) and k; writes k, v into the arena.
         q, q_sink = backend.rope_store(
             qkv,
@@ -95,14 +100,32 @@ class Attention(nn.Module):
             batch.write_index,
             self.num_heads,
             self.num_kv_heads,
+            k_scale,
+            v_scale,
         )  # [T, H, D] each
+        out = self.attend(q, q_sink, batch, arena, backend)  # [T, H, D]
+        return self.o_proj(out.view(tokens, -1))
 
+    def attend(
+        self,
+        q: torch.Tensor,
+        q_sink: torch.Tensor,
+        batch: ForwardBatch,
+        arena: KVArena,
+        backend: AttentionBackend,
+        partials: bool = False,
+    ) -> Any:
+        """Attention of every token over its slot: [T, H, D]; with `partials`, a decode-only batch
+        may come back as split partials (backend.decode_partials) for the o_proj to merge."""
+        k_cache, v_cache = arena.layer(self.layer)
+        k_scale, v_scale = arena.layer_scales(self.layer)
         geometry = arena.geometry
-        nd = batch.num_decode
+        tokens, nd = q.shape[0], batch.num_decode
         parts = []  # decode rows, then prefill chunks: [rows, H, D] each
         if nd:
+            decode = backend.decode_partials if partials and tokens == nd else backend.decode
             parts.append(
-                backend.decode(
+                decode(
                     q[:nd],
                     q_sink[:nd],
                     k_cache,
@@ -111,6 +134,8 @@ class Attention(nn.Module):
                     batch.decode_seen,
                     geometry.sink,
                     self.scale,
+                    k_scale,
+                    v_scale,
                 )
             )
         if tokens > nd:
@@ -126,11 +151,12 @@ class Attention(nn.Module):
                     geometry.sink,
                     geometry.window,
                     self.scale,
+                    k_scale,
+                    v_scale,
                 )
             )
         # A decode-only or prefill-only step (every CUDA-graph step) skips the concatenation.
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, H, D]
-        return self.o_proj(out.view(tokens, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class FeedForward(nn.Module):
@@ -165,6 +191,49 @@ class Block(nn.Module):
         hidden, residual = self.post_attention_norm(hidden, residual, backend)
         return self.mlp(hidden, backend), residual
 
+    def forward_fused(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        arena: KVArena,
+        backend: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same function in four launches plus attention (the element-wise ops inside the
+        matmuls' prologues and epilogues)."""
+        attn, mlp = self.attention, self.mlp
+        k_cache, v_cache = arena.layer(attn.layer)
+        k_scale, v_scale = arena.layer_scales(attn.layer)
+        q, q_sink, residual = backend.norm_qkv_rope(
+            hidden,
+            residual,
+            self.input_norm.weight,
+            self.input_norm.eps,
+            attn.qkv_proj.weight,
+            attn.qkv_proj.bias,
+            batch.cos,
+            batch.sin,
+            batch.sink_cos,
+            batch.sink_sin,
+            k_cache,
+            v_cache,
+            batch.slots,
+            batch.write_index,
+            attn.num_heads,
+            attn.num_kv_heads,
+            k_scale,
+            v_scale,
+        )  # [T, H, D] each, and the residual stream
+        out = attn.attend(q, q_sink, batch, arena, backend, partials=True)
+        if isinstance(out, torch.Tensor):
+            out = out.view(out.shape[0], -1)  # [T, H * D]
+        hidden = backend.linear(out, attn.o_proj.weight, kind="o_proj", dtype=q.dtype)
+        h, residual = backend.norm_gate_up_silu(
+            hidden, residual, self.post_attention_norm.weight, self.post_attention_norm.eps,
+            mlp.gate_up_proj.weight,
+        )  # fmt: skip
+        return backend.linear(h, mlp.down_proj.weight, kind="down"), residual
+
 
 class Transformer(nn.Module):
     def __init__(self, shape: ModelShape) -> None:
@@ -183,7 +252,13 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Returns next-token logits [L, vocab] (float32) for `batch.logits_index`."""
         hidden, residual = self.embed_tokens(batch.token_ids), None  # [T, hidden]
+        fused = hidden.shape[0] <= backend.fused_rows(self.shape)
         for block in self.layers:
-            hidden, residual = block(hidden, residual, batch, arena, backend)
+            if fused:
+                hidden, residual = block.forward_fused(hidden, residual, batch, arena, backend)
+            else:
+                hidden, residual = block(hidden, residual, batch, arena, backend)
         hidden, _ = self.norm(hidden, residual, backend)  # row-wise, so norm all rows, then pick
-        return self.lm_head(hidden[batch.logits_index]).float()
+        if batch.logits_index is not None:
+            hidden = hidden[batch.logits_index]
+        return self.lm_head(hidden).float()

@@ -37,10 +37,18 @@ class RotaryTable:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 -> (cos, sin), each [T, head_dim] float32 (halves repeated)."""
-        angles = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
-        angles = torch.remainder(angles, TWO_PI).to(torch.float32)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos() * self.scaling, angles.sin() * self.scaling
+        return rotary_cos_sin(positions, self.inv_freq, self.scaling)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] int64, inv_freq [D/2] float64 -> (cos, sin) [T, D] float32 (halves repeated):
+    angles in float64, reduced mod 2π, then float32."""
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.remainder(angles, TWO_PI).to(torch.float32)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos() * scaling, angles.sin() * scaling
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -267,9 +267,34 @@ class ModelRunner:
         graph.replay()
         return graph.tokens[:nd]
 
+    def decode_batch(self, slots: torch.Tensor) -> ForwardBatch:
+        """A decode-only batch from the slots' arena state, in one op (backend.decode_prep)."""
+        arena, geometry = self.arena, self.geometry
+        token_ids, index, seen_after, cos, sin, sink_cos, sink_sin = self.attention.decode_prep(
+            slots, arena.seen, arena.base, arena.next_token, self.rope.inv_freq,
+            self.rope.scaling, geometry.sink, geometry.window,
+        )  # fmt: skip
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        return ForwardBatch(
+            token_ids=token_ids,
+            slots=slots,
+            write_index=index,
+            cos=cos,
+            sin=sin,
+            sink_cos=sink_cos,
+            sink_sin=sink_sin,
+            num_decode=slots.shape[0],
+            decode_slots=slots,
+            decode_seen=seen_after,
+            prefill_slots=empty,
+            prefill_cu_seqlens=empty,
+            prefill_seen=empty,
+            logits_index=None,
+        )
+
     def decode_step_tensors(self, slots: torch.Tensor, variant: SamplerVariant) -> torch.Tensor:
         """The whole decode step on device tensors only (what a CUDA graph captures)."""
-        batch, _, _ = self._build_batch(slots, [])
+        batch = self.decode_batch(slots)
         logits = self.model(batch, self.arena, self.attention)
         positions = self.arena.base[slots] + batch.decode_seen
         tokens = self.sampler.sample(logits, slots, positions, variant)

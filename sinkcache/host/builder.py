@@ -12,7 +12,7 @@ import time
 import torch
 
 from sinkcache.config import CacheGeometry, EngineConfig
-from sinkcache.core.arena import KVArena, slots_for_budget
+from sinkcache.core.arena import KV_DTYPES, KVArena, slots_for_budget
 from sinkcache.core.attention.backend import select_backend
 from sinkcache.core.engine import EngineCore
 from sinkcache.core.runner import ModelRunner
@@ -36,11 +36,16 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[config.dtype]
 
 
+def resolve_kv_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """What the arena stores: the model dtype, or fp8 codes with scales."""
+    return dtype if config.kv_dtype == "auto" else KV_DTYPES[config.kv_dtype]
+
+
 def _slot_count(
     config: EngineConfig,
     loaded: LoadedModel,
     geometry: CacheGeometry,
-    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
     device: torch.device,
 ) -> int:
     if config.slots is not None:
@@ -52,7 +57,7 @@ def _slot_count(
         budget = int(free * 0.80)  # leave room for activations, graphs and the allocator
     else:
         return 64
-    slots = slots_for_budget(loaded.shape, geometry, dtype, budget)
+    slots = slots_for_budget(loaded.shape, geometry, kv_dtype, budget)
     if slots < 1:
         raise ValueError(
             f"a KV budget of {budget} bytes holds no slot of capacity {geometry.capacity}"
@@ -60,8 +65,12 @@ def _slot_count(
     return slots
 
 
-def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:
-    """Load the model (unless given), size and allocate the arena, wire the runner."""
+def build_core(
+    config: EngineConfig, loaded: LoadedModel | None = None, warm_up: bool = True
+) -> EngineCore:
+    """Load the model (unless given), size and allocate the arena, wire the runner; on CUDA, warm
+    up (compile every kernel, capture every decode graph) unless `warm_up` is False (benchmarks
+    that use one batch size)."""
     config.validate()
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -70,8 +79,9 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
     geometry = CacheGeometry(config.sink, config.window)
     if loaded is None:
         loaded = load_model(config.model, dtype, device, seed=config.seed)
-    num_slots = _slot_count(config, loaded, geometry, dtype, device)
-    arena = KVArena(loaded.shape, geometry, num_slots, dtype, device)
+    kv_dtype = resolve_kv_dtype(config, dtype)
+    num_slots = _slot_count(config, loaded, geometry, kv_dtype, device)
+    arena = KVArena(loaded.shape, geometry, num_slots, dtype, device, kv_dtype=kv_dtype)
     runner = ModelRunner(
         loaded.model,
         arena,
@@ -85,10 +95,12 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
         codec = TokenizerCodec(loaded.tokenizer, loaded.shape)
     prefill_budget = config.prefill_budget or (2048 if device.type == "cuda" else 512)
     log.info(
-        "engine: model=%s device=%s dtype=%s slots=%d capacity=%d (%d sink + %d window), kv=%.1f MiB",
+        "engine: model=%s device=%s dtype=%s kv=%s slots=%d capacity=%d (%d sink + %d window), "
+        "kv=%.1f MiB",
         config.model,
         device,
         dtype,
+        kv_dtype,
         num_slots,
         geometry.capacity,
         geometry.sink,
@@ -96,7 +108,7 @@ def build_core(config: EngineConfig, loaded: LoadedModel | None = None) -> Engin
         arena.nbytes() / 2**20,
     )
     core = EngineCore(runner, codec, prefill_budget, eos_ids=frozenset(loaded.shape.eos_token_ids))
-    if device.type == "cuda":
+    if device.type == "cuda" and warm_up:
         started = time.perf_counter()
         core.warm_up()
         log.info(

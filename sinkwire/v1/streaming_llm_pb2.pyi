@@ -188,7 +188,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free", "gateway_rss_bytes", "sessions_offloaded", "sessions_stored")
+    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free", "gateway_rss_bytes", "sessions_offloaded", "sessions_stored", "gateway_hostname", "gateway_pid")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,8 @@ class StatsResponse(_message.Message):
     GATEWAY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_OFFLOADED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_STORED_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_PID_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
     sessions: int
     slots_total: int
@@ -205,7 +207,9 @@ class StatsResponse(_message.Message):
     gateway_rss_bytes: int
     sessions_offloaded: int
     sessions_stored: int
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., sessions_stored: _Optional[int] = ...) -> None: ...
+    gateway_hostname: str
+    gateway_pid: int
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., sessions_stored: _Optional[int] = ..., gateway_hostname: _Optional[str] = ..., gateway_pid: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
     __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model", "process_rss_bytes", "decode_tokens", "prefill_tokens", "sessions_offloaded", "checkpoints_written", "checkpoint_failures", "draining", "hostname", "pid", "engine_pid", "sessions_by_key", "decode_held")

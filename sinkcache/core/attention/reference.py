@@ -2,7 +2,8 @@
 
 Both functions read K/V straight from the arena layer tensors [slots, kv_heads, capacity, dim].
 Keys at index < sink meet `q_sink` (the query rotated at its cache position); all other keys meet
-`q` (rotated at its rotary position): see sinkcache/policy.py.
+`q` (rotated at its rotary position): see sinkcache/policy.py. An fp8 arena (e4m3 codes with a
+float32 scale per token and head, sinkcache.core.attention.triton_tiles) is dequantised here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def _attend(
     return torch.matmul(probs, values.float()[:, :, None])
 
 
+def dequantize(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Arena rows [..., C, D] as float32: e4m3 codes times their [..., C] scales, or as stored."""
+    if scale is None:
+        return cache.float()
+    return cache.float() * scale[..., None]
+
+
 def decode_attention(
     q: torch.Tensor,
     q_sink: torch.Tensor,
@@ -42,15 +50,19 @@ def decode_attention(
     seen: torch.Tensor,
     sink: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per row. q, q_sink [B, H, D]; slots, seen [B] (seen counts the query's own token).
+    `k_scale`, `v_scale` [N, Hkv, C]: the scales of an fp8 arena (None for a plain one).
 
     Returns [B, H, D] in q's dtype.
     """
     batch, heads, dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
-    keys, values = k_cache[slots], v_cache[slots]  # [B, Hkv, C, D]
+    keys = dequantize(k_cache[slots], None if k_scale is None else k_scale[slots])  # [B, Hkv, C, D]
+    values = dequantize(v_cache[slots], None if v_scale is None else v_scale[slots])
     filled = torch.clamp(seen, max=capacity)
     mask = torch.arange(capacity, device=q.device)[None, :] < filled[:, None]  # [B, C]
     out = _attend(
@@ -76,6 +88,8 @@ def prefill_attention(
     sink: int,
     window: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunks of consecutive queries, one chunk per row, already written into their slots.
 
@@ -101,8 +115,8 @@ def prefill_attention(
         slot = row_slots[row]
         qr = q[start:end].view(length, kv_heads, group, dim).permute(1, 2, 0, 3)[None]
         qs = q_sink[start:end].view(length, kv_heads, group, dim).permute(1, 2, 0, 3)[None]
-        res = _attend(
-            qr, qs, k_cache[slot][None], v_cache[slot][None], mask[None, None, None], sink, scale
-        )
+        keys = dequantize(k_cache[slot], None if k_scale is None else k_scale[slot])
+        values = dequantize(v_cache[slot], None if v_scale is None else v_scale[slot])
+        res = _attend(qr, qs, keys[None], values[None], mask[None, None, None], sink, scale)
         out[start:end] = res[0].permute(2, 0, 1, 3).reshape(length, heads, dim).to(q.dtype)
     return out

@@ -14,12 +14,24 @@ shapes alone (B, Hkv, C), never from `seen`, so the launch is CUDA-graph captura
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from sinkcache.core.attention.triton_tiles import (
+    LOG2E,
+    dot_f32,
+    gdc_enter,
+    load_kv_tile,
+    pdl_enabled,
+    pdl_launch,
+    running_interpreted,
+    tile_count,
+)
+
+__all__ = ["LOG2E", "decode_attention", "decode_attention_launch", "plan_splits"]
 
 # Split-K rule, from CUDA-graph replay timings on an H100 (SmolLM2 and Llama-3-8B heads, C = 1024
 # and 2048, full slots; see bench/kernel_check.py --sweep). With P = B * Hkv programs:
@@ -33,40 +45,14 @@ MIN_TILES_PER_SPLIT = 1
 MAX_SPLITS = 64
 
 
-# Two workarounds for Triton 3.6's interpreter (the CPU test path), selected by INTERPRETER:
-# - tensor loop bounds fail under numpy >= 2.4 (triton-lang/triton#9171), so loops run a fixed trip
-#   count from the host (MAX_TILES) and the tiles past the data are fully masked;
-# - its tl.dot multiplies bf16 operands as raw uint16 bits, so operands are upcast to fp32 first,
-#   which is exact: bf16 values are fp32 values and the GPU accumulates in fp32 too.
-
-
-@triton.jit
-def tile_count(length, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr, MAX_TILES: tl.constexpr):
-    """Trip count of a loop over `length` positions in tiles of BLOCK_N.
-
-    Call it inside `range(...)`: the interpreter turns every assigned value into a tensor.
-    """
-    if INTERPRETER:
-        return MAX_TILES
-    else:
-        return tl.cdiv(tl.maximum(length, 0), BLOCK_N)
-
-
-@triton.jit
-def dot_f32(a, b, INTERPRETER: tl.constexpr):
-    """a @ b with fp32 accumulation; fp32 operands stay fp32 (no tf32)."""
-    if INTERPRETER:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
-
-
 @triton.jit
 def _attend_tile(
     q,  # [GROUP_PAD, HEAD_DIM] input dtype
     q_sink,  # [GROUP_PAD, HEAD_DIM] input dtype
     k_base,
     v_base,
+    k_scale_base,
+    v_scale_base,
     stride_k_pos,
     stride_v_pos,
     start,
@@ -80,18 +66,19 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     USE_DOT: tl.constexpr,
+    QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) ∩ [0, end) into the running softmax state."""
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_d = tl.arange(0, HEAD_DIM)
     in_range = pos < end
-    k = tl.load(
-        k_base + pos[:, None] * stride_k_pos + offs_d[None, :], mask=in_range[:, None], other=0.0
-    )  # [BLOCK_N, HEAD_DIM]
-    v = tl.load(
-        v_base + pos[:, None] * stride_v_pos + offs_d[None, :], mask=in_range[:, None], other=0.0
-    )  # [BLOCK_N, HEAD_DIM]
+    k, v, k_scale, v_scale = load_kv_tile(
+        k_base, v_base, k_scale_base, v_scale_base, stride_k_pos, stride_v_pos, pos, in_range,
+        HEAD_DIM, QUANT,
+    )  # fmt: skip
+    if QUANT:  # e4m3 codes; the scales are applied to scores and probabilities
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     if USE_DOT:
         scores = dot_f32(q, tl.trans(k), INTERPRETER)  # [GROUP_PAD, BLOCK_N]
     else:
@@ -104,12 +91,16 @@ def _attend_tile(
                 q_sink[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2
             )
         scores = tl.where((pos < SINK)[None, :], sink_scores, scores)
+    if QUANT:
+        scores = scores * k_scale[None, :]
     scores = tl.where(in_range[None, :], scores * qk_scale, float("-inf"))
     # The first tile of a split always holds a valid key, so m_new is finite from then on.
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])  # [GROUP_PAD, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if QUANT:
+        p = p * v_scale[None, :]
     if USE_DOT:
         pv = dot_f32(p.to(v.dtype), v, INTERPRETER)
     else:
@@ -124,6 +115,8 @@ def _decode_split_kernel(
     q_sink_ptr,
     k_ptr,
     v_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     slots_ptr,
     seen_ptr,
     out_ptr,
@@ -140,6 +133,10 @@ def _decode_split_kernel(
     stride_v_slot,
     stride_v_head,
     stride_v_pos,
+    stride_ks_slot,
+    stride_ks_head,
+    stride_vs_slot,
+    stride_vs_head,
     stride_o_row,
     stride_o_head,
     heads,
@@ -154,14 +151,17 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
+    QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     MAX_TILES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (row, kv_head, split): attend the group's queries to the split's keys in the row's slot.
 
     The splits partition the recent region [sink_end, C) into runs of `split_len` positions; split
     0 also owns the sink tiles [0, sink_end), the only ones that need the q_sink product.
     """
+    gdc_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -174,6 +174,8 @@ def _decode_split_kernel(
         slot = tl.load(slots_ptr + row).to(tl.int64)
         k_base = k_ptr + slot * stride_k_slot + kv_head.to(tl.int64) * stride_k_head
         v_base = v_ptr + slot * stride_v_slot + kv_head.to(tl.int64) * stride_v_head
+        ks_base = k_scale_ptr + slot * stride_ks_slot + kv_head.to(tl.int64) * stride_ks_head
+        vs_base = v_scale_ptr + slot * stride_vs_slot + kv_head.to(tl.int64) * stride_vs_head
 
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -201,15 +203,15 @@ def _decode_split_kernel(
                 )  # [GROUP_PAD, HEAD_DIM]
                 for tile in range(SINK_TILES):
                     m_i, l_i, acc = _attend_tile(
-                        q, q_sink, k_base, v_base, stride_k_pos, stride_v_pos,
+                        q, q_sink, k_base, v_base, ks_base, vs_base, stride_k_pos, stride_v_pos,
                         tile * BLOCK_N, n_valid, m_i, l_i, acc, qk_scale,
-                        SINK, True, BLOCK_N, HEAD_DIM, USE_DOT, INTERPRETER,
+                        SINK, True, BLOCK_N, HEAD_DIM, USE_DOT, QUANT, INTERPRETER,
                     )  # fmt: skip
         for tile in range(tile_count(hi - lo, BLOCK_N, INTERPRETER, MAX_TILES)):
             m_i, l_i, acc = _attend_tile(
-                q, q, k_base, v_base, stride_k_pos, stride_v_pos,
+                q, q, k_base, v_base, ks_base, vs_base, stride_k_pos, stride_v_pos,
                 lo + tile * BLOCK_N, hi, m_i, l_i, acc, qk_scale,
-                SINK, False, BLOCK_N, HEAD_DIM, USE_DOT, INTERPRETER,
+                SINK, False, BLOCK_N, HEAD_DIM, USE_DOT, QUANT, INTERPRETER,
             )  # fmt: skip
 
         out = acc / l_i[:, None]
@@ -244,8 +246,10 @@ def _decode_merge_kernel(
     num_splits,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (row, head): merge the partial outputs of the splits that held valid keys."""
+    gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     n_valid = tl.minimum(tl.load(seen_ptr + row), capacity).to(tl.int32)
@@ -266,11 +270,6 @@ def _decode_merge_kernel(
         out_ptr + row * stride_o_row + head * stride_o_head + offs_d,
         out.to(out_ptr.dtype.element_ty),
     )
-
-
-def running_interpreted(kernel) -> bool:
-    """True when Triton's interpreter runs `kernel` (TRITON_INTERPRET=1 when triton was imported)."""
-    return not isinstance(kernel, triton.runtime.JITFunction)
 
 
 @functools.cache
@@ -310,7 +309,7 @@ def _split_layout(recent_tiles: int, splits: int) -> tuple[int, int]:
     return max(1, triton.cdiv(recent_tiles, tiles_per_split)), tiles_per_split
 
 
-def default_config(head_dim: int) -> dict:
+def default_config(head_dim: int, quant: bool = False) -> dict:
     """Tile and launch options for the H100, from bench/kernel_check.py --sweep (graph replay).
 
     USE_DOT: the group (G <= 8 rows) is padded to 16 rows so QK^T and PV run on the tensor cores;
@@ -319,9 +318,41 @@ def default_config(head_dim: int) -> dict:
     D=64 it ran 4-6x slower (SmolLM2 shapes, B=16: 69 us vs 16 us; B=256: 833 us vs 143 us), and
     at D=128 it would spill. Tiles of 32-128 keys with 4 warps all ran within ~5% of each other.
     """
-    if head_dim >= 128:
-        return {"block_n": 64, "num_warps": 4, "num_stages": 2, "use_dot": True}
-    return {"block_n": 128, "num_warps": 4, "num_stages": 3, "use_dot": True}
+    config = dict(DECODE_CONFIGS[head_dim >= 128, quant])
+    config.update(DECODE_CONFIG_OVERRIDE)
+    return config
+
+
+# (head_dim >= 128, fp8 arena) -> launch options; DECODE_CONFIG_OVERRIDE is for sweeps.
+DECODE_CONFIGS = {
+    (True, False): {"block_n": 64, "num_warps": 4, "num_stages": 2, "use_dot": True},
+    (False, False): {"block_n": 128, "num_warps": 4, "num_stages": 3, "use_dot": True},
+    (True, True): {"block_n": 64, "num_warps": 4, "num_stages": 3, "use_dot": True},
+    (False, True): {"block_n": 128, "num_warps": 4, "num_stages": 3, "use_dot": True},
+}
+DECODE_CONFIG_OVERRIDE: dict = {}
+
+
+@dataclass
+class DecodePartials:
+    """Split-K partial results of a decode launch, left for the consumer to merge (the fused
+    o_proj of sinkcache.core.ops.triton_linear merges them in its prologue, saving a launch).
+
+    lse [B, H, splits] and out [B, H, splits, D], float32; split s > 0 of row b holds data iff
+    sink_end + s * split_len < min(seen[b], capacity) (split 0 always does)."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    seen: torch.Tensor
+    capacity: int
+    sink_end: int
+    split_len: int
+    num_splits: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        batch, heads, _, head_dim = self.out.shape
+        return batch, heads, head_dim
 
 
 def decode_attention_launch(
@@ -334,6 +365,8 @@ def decode_attention_launch(
     sink: int,
     scale: float,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
@@ -341,11 +374,14 @@ def decode_attention_launch(
     use_dot: bool | None = None,
     out: torch.Tensor | None = None,
     poison_partials: bool = False,
-) -> torch.Tensor:
+    merge: bool = True,
+) -> torch.Tensor | DecodePartials:
     """decode_attention with the launch choices exposed (tests use small tiles and forced splits).
 
+    `k_scale`, `v_scale` [N, Hkv, C] float32: the per-position scales of an fp8 arena.
     `poison_partials` fills the split partials with NaN first, so a merge that reads one no split
-    wrote shows up in the output (tests only).
+    wrote shows up in the output (tests only). `merge=False` returns the split partials unmerged
+    (DecodePartials) when the launch splits.
     """
     batch, heads, head_dim = q.shape
     _, kv_heads, capacity, _ = k_cache.shape
@@ -356,14 +392,21 @@ def decode_attention_launch(
     )
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "arena rows must be contiguous"
     assert 0 <= sink <= capacity
+    quant = k_scale is not None
+    if quant:
+        assert v_scale is not None and k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+        assert k_scale.shape == k_cache.shape[:3] and v_scale.shape == v_cache.shape[:3]
+    else:
+        k_scale = v_scale = k_cache  # unused
     q = q if q.stride(-1) == 1 else q.contiguous()
     q_sink = q_sink if q_sink.stride(-1) == 1 else q_sink.contiguous()
+    dtype = q.dtype
     if out is None:
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # [B, H, D]
+        out = torch.empty(q.shape, device=q.device, dtype=dtype)  # [B, H, D]
     if batch == 0:
         return out
 
-    config = default_config(head_dim)
+    config = default_config(head_dim, quant)
     block_n = block_n or config["block_n"]
     use_dot = config["use_dot"] if use_dot is None else use_dot
     sink_tiles = triton.cdiv(sink, block_n)
@@ -386,28 +429,36 @@ def decode_attention_launch(
         if poison_partials:
             part_lse.fill_(float("nan"))
             part_out.fill_(float("nan"))
+    ks_strides = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
+    vs_strides = (v_scale.stride(0), v_scale.stride(1)) if quant else (0, 0)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, q_sink, k_cache, v_cache, slots, seen, out, part_out, part_lse,
+        q, q_sink, k_cache, v_cache, k_scale, v_scale, slots, seen, out, part_out, part_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1), q_sink.stride(0), q_sink.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *ks_strides, *vs_strides,
         out.stride(0), out.stride(1),
         heads, capacity, split_len, num_splits,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SINK=sink, SINK_TILES=sink_tiles,
-        BLOCK_N=block_n, SINGLE_SPLIT=single, USE_DOT=use_dot,
+        BLOCK_N=block_n, SINGLE_SPLIT=single, USE_DOT=use_dot, QUANT=quant,
         INTERPRETER=interpreter, MAX_TILES=tiles_per_split if interpreter else 0,
+        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
     )  # fmt: skip
-    if not single:
-        _decode_merge_kernel[(batch, heads)](
-            part_out, part_lse, seen, out,
-            out.stride(0), out.stride(1),
-            heads, capacity, sink_end, split_len, num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            num_warps=4 if head_dim >= 128 else 2,
-        )  # fmt: skip
+    if single:
+        return out
+    if not merge:
+        return DecodePartials(part_out, part_lse, seen, capacity, sink_end, split_len, num_splits)
+    _decode_merge_kernel[(batch, heads)](
+        part_out, part_lse, seen, out,
+        out.stride(0), out.stride(1),
+        heads, capacity, sink_end, split_len, num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        PDL=pdl_enabled(), **pdl_launch(),
+        num_warps=4 if head_dim >= 128 else 2,
+    )  # fmt: skip
     return out
 
 
@@ -420,9 +471,18 @@ def decode_attention(
     seen: torch.Tensor,
     sink: int,
     scale: float,
-) -> torch.Tensor:
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    *,
+    merge: bool = True,
+) -> torch.Tensor | DecodePartials:
     """One query per row. q, q_sink [B, H, D]; slots, seen [B] -> [B, H, D] in q's dtype.
 
-    Same function as reference.decode_attention: keys j < min(seen, C) of slot `slots[b]`.
+    Same function as reference.decode_attention: keys j < min(seen, C) of slot `slots[b]`
+    (dequantised by `k_scale`, `v_scale` for an fp8 arena). `merge=False`: see
+    decode_attention_launch.
     """
-    return decode_attention_launch(q, q_sink, k_cache, v_cache, slots, seen, sink, scale)
+    return decode_attention_launch(
+        q, q_sink, k_cache, v_cache, slots, seen, sink, scale,
+        k_scale=k_scale, v_scale=v_scale, merge=merge,
+    )  # fmt: skip

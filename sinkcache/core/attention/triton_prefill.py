@@ -20,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from sinkcache.core.attention.triton_decode import LOG2E, dot_f32, running_interpreted, tile_count
+from sinkcache.core.attention.triton_tiles import (
+    LOG2E,
+    dot_f32,
+    gdc_enter,
+    load_kv_tile,
+    pdl_enabled,
+    pdl_launch,
+    running_interpreted,
+    tile_count,
+)
 
 # Ages past this never decide anything (query ages are < window); caps sink ages to fit int32.
 _AGE_CAP = tl.constexpr(1 << 30)
@@ -33,6 +42,8 @@ def _prefill_tile(
     query_age,  # [BLOCK_M] int32
     k_base,
     v_base,
+    k_scale_base,
+    v_scale_base,
     stride_k_pos,
     stride_v_pos,
     start,
@@ -48,18 +59,27 @@ def _prefill_tile(
     SINK_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
     """Fold keys [start, start + BLOCK_N) ∩ [0, n_valid) into the running softmax, causally."""
     pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_d = tl.arange(0, HEAD_DIM)
     in_range = pos < n_valid
-    k = tl.load(
-        k_base + pos[:, None] * stride_k_pos + offs_d[None, :], mask=in_range[:, None], other=0.0
-    )  # [BLOCK_N, HEAD_DIM]
-    v = tl.load(
-        v_base + pos[:, None] * stride_v_pos + offs_d[None, :], mask=in_range[:, None], other=0.0
-    )  # [BLOCK_N, HEAD_DIM]
+    k, v, k_scale, v_scale = load_kv_tile(
+        k_base,
+        v_base,
+        k_scale_base,
+        v_scale_base,
+        stride_k_pos,
+        stride_v_pos,
+        pos,
+        in_range,
+        HEAD_DIM,
+        QUANT,
+    )  # fmt: skip  [BLOCK_N, HEAD_DIM] each
+    if QUANT:  # e4m3 codes; the scales are applied to scores and probabilities
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     scores = dot_f32(q, tl.trans(k), INTERPRETER)  # [BLOCK_M, BLOCK_N]
     ring_age = newest_ring - pos
     key_age = tl.where(ring_age < 0, ring_age + window, ring_age)  # [BLOCK_N]
@@ -68,6 +88,8 @@ def _prefill_tile(
         is_sink = pos < SINK
         scores = tl.where(is_sink[None, :], sink_scores, scores)
         key_age = tl.where(is_sink, last_capped - pos, key_age)
+    if QUANT:
+        scores = scores * k_scale[None, :]
     visible = in_range[None, :] & (key_age[None, :] >= query_age[:, None])
     scores = tl.where(visible, scores * qk_scale, float("-inf"))
     # A query may see nothing in this tile (nor before it): keep exp2 away from (-inf) - (-inf).
@@ -76,6 +98,8 @@ def _prefill_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(scores - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if QUANT:
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, INTERPRETER)
     return m_new, l_i, acc
 
@@ -86,6 +110,8 @@ def _prefill_kernel(
     q_sink_ptr,
     k_ptr,
     v_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     row_slots_ptr,
     cu_seqlens_ptr,
     row_seen_ptr,
@@ -101,6 +127,10 @@ def _prefill_kernel(
     stride_v_slot,
     stride_v_head,
     stride_v_pos,
+    stride_ks_slot,
+    stride_ks_head,
+    stride_vs_slot,
+    stride_vs_head,
     stride_o_tok,
     stride_o_head,
     capacity,
@@ -112,10 +142,13 @@ def _prefill_kernel(
     SINK_TILES: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
     MAX_TILES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (query block, row, kv_head): BLOCK_Q queries x GROUP heads against the row's slot."""
+    gdc_enter(PDL)
     q_block = tl.program_id(0)
     row = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -134,6 +167,8 @@ def _prefill_kernel(
         slot = tl.load(row_slots_ptr + row).to(tl.int64)
         k_base = k_ptr + slot * stride_k_slot + kv_head.to(tl.int64) * stride_k_head
         v_base = v_ptr + slot * stride_v_slot + kv_head.to(tl.int64) * stride_v_head
+        ks_base = k_scale_ptr + slot * stride_ks_slot + kv_head.to(tl.int64) * stride_ks_head
+        vs_base = v_scale_ptr + slot * stride_vs_slot + kv_head.to(tl.int64) * stride_vs_head
 
         # Tile row m is query q_block * BLOCK_Q + m // GROUP_PAD of the chunk, head m % GROUP_PAD.
         offs_m = tl.arange(0, BLOCK_M)
@@ -164,17 +199,18 @@ def _prefill_kernel(
             )  # [BLOCK_M, HEAD_DIM]
             for tile in range(SINK_TILES):
                 m_i, l_i, acc = _prefill_tile(
-                    q, q_sink, query_age, k_base, v_base, stride_k_pos, stride_v_pos,
+                    q, q_sink, query_age, k_base, v_base, ks_base, vs_base,
+                    stride_k_pos, stride_v_pos,
                     tile * BLOCK_N, n_valid, newest_ring, last_capped, window,
                     m_i, l_i, acc, qk_scale,
-                    SINK, True, BLOCK_N, HEAD_DIM, INTERPRETER,
+                    SINK, True, BLOCK_N, HEAD_DIM, QUANT, INTERPRETER,
                 )  # fmt: skip
         for tile in range(tile_count(n_valid - sink_end, BLOCK_N, INTERPRETER, MAX_TILES)):
             m_i, l_i, acc = _prefill_tile(
-                q, q, query_age, k_base, v_base, stride_k_pos, stride_v_pos,
+                q, q, query_age, k_base, v_base, ks_base, vs_base, stride_k_pos, stride_v_pos,
                 sink_end + tile * BLOCK_N, n_valid, newest_ring, last_capped, window,
                 m_i, l_i, acc, qk_scale,
-                SINK, False, BLOCK_N, HEAD_DIM, INTERPRETER,
+                SINK, False, BLOCK_N, HEAD_DIM, QUANT, INTERPRETER,
             )  # fmt: skip
 
         # Every real query sees at least its own key; l_i == 0 only on padding rows.
@@ -213,13 +249,17 @@ def prefill_attention_launch(
     window: int,
     scale: float,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """prefill_attention with the launch choices exposed (tests use small tiles)."""
+    """prefill_attention with the launch choices exposed (tests use small tiles).
+
+    `k_scale`, `v_scale` [N, Hkv, C] float32: the per-position scales of an fp8 arena."""
     total, heads, head_dim = q.shape
     _, kv_heads, capacity, _ = k_cache.shape
     group = heads // kv_heads
@@ -231,6 +271,12 @@ def prefill_attention_launch(
     assert sink + window == capacity, "arena capacity must be sink + window"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "arena rows must be contiguous"
     assert rows < 65536, "rows ride on grid axis 1"
+    quant = k_scale is not None
+    if quant:
+        assert v_scale is not None and k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+        assert k_scale.shape == k_cache.shape[:3] and v_scale.shape == v_cache.shape[:3]
+    else:
+        k_scale = v_scale = k_cache  # unused
     q = q if q.stride(-1) == 1 else q.contiguous()
     q_sink = q_sink if q_sink.stride(-1) == 1 else q_sink.contiguous()
     if out is None:
@@ -248,16 +294,19 @@ def prefill_attention_launch(
     q_blocks = triton.cdiv(min(window, total), block_q)  # no chunk is longer than this
     interpreter = running_interpreted(_prefill_kernel)
     _prefill_kernel[(q_blocks, rows, kv_heads)](
-        q, q_sink, k_cache, v_cache, row_slots, cu_seqlens, row_seen, out,
+        q, q_sink, k_cache, v_cache, k_scale, v_scale, row_slots, cu_seqlens, row_seen, out,
         scale * LOG2E,
         q.stride(0), q.stride(1), q_sink.stride(0), q_sink.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *((k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)),
+        *((v_scale.stride(0), v_scale.stride(1)) if quant else (0, 0)),
         out.stride(0), out.stride(1),
         capacity, window,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SINK=sink, SINK_TILES=sink_tiles,
-        BLOCK_Q=block_q, BLOCK_N=block_n,
+        BLOCK_Q=block_q, BLOCK_N=block_n, QUANT=quant,
         INTERPRETER=interpreter, MAX_TILES=recent_tiles if interpreter else 0,
+        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=num_warps or config["num_warps"],
         num_stages=num_stages or config["num_stages"],
     )  # fmt: skip
@@ -275,12 +324,15 @@ def prefill_attention(
     sink: int,
     window: int,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunks of consecutive queries, one chunk per row, already written into their slots.
 
     q, q_sink [T, H, D]; row r owns queries cu_seqlens[r]:cu_seqlens[r+1] -> [T, H, D] in q's
-    dtype. Same function as reference.prefill_attention.
+    dtype. Same function as reference.prefill_attention (`k_scale`, `v_scale`: an fp8 arena's).
     """
     return prefill_attention_launch(
-        q, q_sink, k_cache, v_cache, row_slots, cu_seqlens, row_seen, sink, window, scale
-    )
+        q, q_sink, k_cache, v_cache, row_slots, cu_seqlens, row_seen, sink, window, scale,
+        k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip

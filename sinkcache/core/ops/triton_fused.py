@@ -20,11 +20,20 @@ too, so bf16 results match the reference bit for bit up to float32 summation ord
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from sinkcache.core.attention.triton_decode import running_interpreted
+from sinkcache.core.attention.triton_tiles import (
+    fp8_scale,
+    gdc_enter,
+    pdl_enabled,
+    pdl_launch,
+    quantize_fp8,
+    running_interpreted,
+)
 
 # A third Triton 3.6 interpreter workaround (see triton_decode.py for the other two): its float32 ->
 # bfloat16 cast truncates where the GPU (and PyTorch) round to nearest even, so under INTERPRETER
@@ -81,8 +90,10 @@ def _add_rms_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token row: new_residual = residual + x; normed = weight * rms_normalise(new_residual)."""
+    gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     in_row = offs < HIDDEN
@@ -134,6 +145,7 @@ def add_rms_norm(
         eps,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
         INTERPRETER=running_interpreted(_add_rms_norm_kernel),
+        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=_num_warps(block, x.element_size()),
     )  # fmt: skip
     return out, new_residual
@@ -162,6 +174,20 @@ def _store_halves(dst, offs_lo, mask, lo, hi, HALF: tl.constexpr):
 
 
 @triton.jit
+def _store_fp8_halves(
+    dst, scale_dst, offs_lo, mask, row_mask, lo, hi, HALF: tl.constexpr, INTERPRETER: tl.constexpr
+):
+    """An fp8 arena's store of whole head vectors: lo, hi [ROWS, HALF_PAD] float32 (zero past the
+    half), dst [ROWS, 1] and scale_dst [ROWS] pointers; one scale max|x| / 448 per row."""
+    amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
+    scale = fp8_scale(amax)  # [ROWS]
+    tl.store(scale_dst, scale, mask=row_mask)
+    lo = quantize_fp8(lo, scale, INTERPRETER)
+    hi = quantize_fp8(hi, scale, INTERPRETER)
+    _store_halves(dst, offs_lo, mask, lo, hi, HALF)
+
+
+@triton.jit
 def _rope_store_kernel(
     qkv_ptr,
     cos_ptr,
@@ -170,6 +196,8 @@ def _rope_store_kernel(
     sink_sin_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     slots_ptr,
     write_index_ptr,
     q_ptr,
@@ -185,6 +213,10 @@ def _rope_store_kernel(
     stride_v_slot,
     stride_v_head,
     stride_v_pos,
+    stride_ks_slot,
+    stride_ks_head,
+    stride_vs_slot,
+    stride_vs_head,
     stride_q,
     stride_q_sink,
     NUM_HEADS: tl.constexpr,
@@ -192,12 +224,15 @@ def _rope_store_kernel(
     ROWS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    QUANT: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token row. Its H + 2 Hkv heads (q, then k, then v) are one [ROWS_PAD, D] tile, held
     as two [ROWS_PAD, D/2] halves: q rows are rotated both ways and stored to q and q_sink, k rows
     rotated and stored to the arena, v rows stored to the arena as they are. One tile shape for
     every head keeps each thread on a 16-byte run however few k/v heads there are."""
+    gdc_enter(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     K_START: tl.constexpr = NUM_HEADS
     V_START: tl.constexpr = NUM_HEADS + NUM_KV_HEADS
@@ -241,11 +276,19 @@ def _rope_store_kernel(
     _store_halves(q_dst, offs_lo, is_q, lo, hi, HALF)
     slot = tl.load(slots_ptr + token).to(tl.int64)
     position = tl.load(write_index_ptr + token).to(tl.int64)
-    k_head = tl.where(head >= K_START, head - K_START, 0).to(tl.int64)[:, None]
-    k_dst = k_cache_ptr + slot * stride_k_slot + position * stride_k_pos + k_head * stride_k_head
-    lo = round_to(lo.to(tl.float32), cache_dtype, INTERPRETER)
-    hi = round_to(hi.to(tl.float32), cache_dtype, INTERPRETER)
-    _store_halves(k_dst, offs_lo, is_k, lo, hi, HALF)
+    k_head = tl.where(head >= K_START, head - K_START, 0).to(tl.int64)
+    k_dst = k_cache_ptr + slot * stride_k_slot + position * stride_k_pos
+    k_dst += k_head[:, None] * stride_k_head
+    if QUANT:
+        k_scale_dst = k_scale_ptr + slot * stride_ks_slot + position + k_head * stride_ks_head
+        _store_fp8_halves(
+            k_dst, k_scale_dst, offs_lo, is_k, (head >= K_START) & (head < V_START),
+            lo.to(tl.float32), hi.to(tl.float32), HALF, INTERPRETER,
+        )  # fmt: skip
+    else:
+        lo = round_to(lo.to(tl.float32), cache_dtype, INTERPRETER)
+        hi = round_to(hi.to(tl.float32), cache_dtype, INTERPRETER)
+        _store_halves(k_dst, offs_lo, is_k, lo, hi, HALF)
 
     # Sink rotation (only its q rows are stored) -> q_sink.
     lo, hi = _rotate(x_lo, x_hi, sink_cos_lo, sink_cos_hi, sink_sin_lo, sink_sin_hi)
@@ -254,11 +297,30 @@ def _rope_store_kernel(
     _store_halves(q_sink_dst, offs_lo, is_q, lo, hi, HALF)
 
     # v rows -> arena, unrotated.
-    v_head = tl.where(head >= V_START, head - V_START, 0).to(tl.int64)[:, None]
-    v_dst = v_cache_ptr + slot * stride_v_slot + position * stride_v_pos + v_head * stride_v_head
-    lo = round_to(x_lo, cache_dtype, INTERPRETER)
-    hi = round_to(x_hi, cache_dtype, INTERPRETER)
-    _store_halves(v_dst, offs_lo, is_v, lo, hi, HALF)
+    v_head = tl.where(head >= V_START, head - V_START, 0).to(tl.int64)
+    v_dst = v_cache_ptr + slot * stride_v_slot + position * stride_v_pos
+    v_dst += v_head[:, None] * stride_v_head
+    if QUANT:
+        v_scale_dst = v_scale_ptr + slot * stride_vs_slot + position + v_head * stride_vs_head
+        _store_fp8_halves(
+            v_dst, v_scale_dst, offs_lo, is_v,
+            (head >= V_START) & (head < V_START + NUM_KV_HEADS), x_lo, x_hi, HALF, INTERPRETER,
+        )  # fmt: skip
+    else:
+        lo = round_to(x_lo, cache_dtype, INTERPRETER)
+        hi = round_to(x_hi, cache_dtype, INTERPRETER)
+        _store_halves(v_dst, offs_lo, is_v, lo, hi, HALF)
+
+
+def scale_args(k_scale, v_scale, dummy) -> tuple:
+    """(k_scale, v_scale, their slot and head strides) for a kernel; dummies without scales."""
+    if k_scale is None:
+        return dummy, dummy, 0, 0, 0, 0
+    assert v_scale is not None and k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+    return (
+        k_scale, v_scale,
+        k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1),
+    )  # fmt: skip
 
 
 def rope_store(
@@ -273,10 +335,13 @@ def rope_store(
     write_index: torch.Tensor,
     num_heads: int,
     num_kv_heads: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, q_sink) [T, H, D] as reference.rope_store, k and v written into the arena.
+    """(q, q_sink) [T, H, D] as reference.rope_store, k and v written into the arena (as e4m3 codes
+    with their scales when `k_scale`, `v_scale` [N, Hkv, C] float32 are given).
 
     qkv [T, (H + 2 Hkv) D]; cos, sin, sink_cos, sink_sin [T, D] float32; k_cache, v_cache
     [N, Hkv, C, D]; slots, write_index [T] (no two tokens may share a (slot, index) position).
@@ -300,15 +365,19 @@ def rope_store(
         return q, q_sink
     rows_pad = triton.next_power_of_2(rows)
     half_pad = triton.next_power_of_2(head_dim // 2)
+    quant = k_scale is not None
+    scales = scale_args(k_scale, v_scale, k_cache)
     _rope_store_kernel[(tokens,)](
-        qkv, *tables, k_cache, v_cache, slots, write_index, q, q_sink,
+        qkv, *tables, k_cache, v_cache, scales[0], scales[1], slots, write_index, q, q_sink,
         qkv.stride(0), *(t.stride(0) for t in tables),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *scales[2:],
         q.stride(0), q_sink.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, ROWS_PAD=rows_pad,
-        HEAD_DIM=head_dim, HALF_PAD=half_pad,
+        HEAD_DIM=head_dim, HALF_PAD=half_pad, QUANT=quant,
         INTERPRETER=running_interpreted(_rope_store_kernel),
+        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=_num_warps(rows_pad * half_pad, qkv.element_size()),
     )  # fmt: skip
     return q, q_sink
@@ -327,8 +396,10 @@ def _silu_mul_kernel(
     INTERMEDIATE: tl.constexpr,
     BLOCK: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (row, block): out = silu(gate) * up, each product rounded as F.silu(gate) * up is."""
+    gdc_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     act_dtype: tl.constexpr = out_ptr.dtype.element_ty
@@ -371,6 +442,100 @@ def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch
         gate_up, out, gate_up.stride(0), out.stride(0),
         INTERMEDIATE=intermediate, BLOCK=block,
         INTERPRETER=running_interpreted(_silu_mul_kernel),
+        PDL=pdl_enabled(), **pdl_launch(),
         num_warps=_num_warps(block, gate_up.element_size()),
     )  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_prep
+
+_TWO_PI = tl.constexpr(2.0 * math.pi)
+
+
+@triton.jit
+def _cos_sin_row(position, inv_freq, scaling, cos_dst, sin_dst, offs, in_half, HALF: tl.constexpr):
+    """cos/sin of one int64 position (angles in float64, reduced mod 2π, then float32), stored
+    to both halves of a [D] row as rotary_cos_sin repeats them."""
+    angle = (position.to(tl.float64) * inv_freq) % _TWO_PI  # >= 0: fmod is the remainder
+    angle = angle.to(tl.float32)
+    c = tl.cos(angle) * scaling
+    s = tl.sin(angle) * scaling
+    tl.store(cos_dst + offs, c, mask=in_half)
+    tl.store(cos_dst + HALF + offs, c, mask=in_half)
+    tl.store(sin_dst + offs, s, mask=in_half)
+    tl.store(sin_dst + HALF + offs, s, mask=in_half)
+
+
+@triton.jit
+def _decode_prep_kernel(
+    slots_ptr,
+    seen_ptr,
+    base_ptr,
+    next_token_ptr,
+    inv_freq_ptr,
+    token_ids_ptr,
+    write_index_ptr,
+    seen_after_ptr,
+    cos_ptr,
+    sin_ptr,
+    sink_cos_ptr,
+    sink_sin_ptr,
+    scaling,
+    SINK: tl.constexpr,
+    WINDOW: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One decode row: its token, write index, counter and both rotations (reference.decode_prep)."""
+    gdc_enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    t = tl.load(seen_ptr + slot)
+    base = tl.load(base_ptr + slot)
+    tl.store(token_ids_ptr + row, tl.load(next_token_ptr + slot))
+    tl.store(seen_after_ptr + row, t + 1)
+    is_sink = t < SINK
+    ring = SINK + (tl.maximum(t - SINK, 0) % WINDOW)
+    tl.store(write_index_ptr + row, tl.where(is_sink, t, ring))
+    rotary = tl.where(is_sink, t, base + t)
+    sink_position = t - tl.maximum(t + 1 - (SINK + WINDOW), 0)
+    offs = tl.arange(0, HALF_PAD)
+    in_half = offs < HALF
+    inv_freq = tl.load(inv_freq_ptr + offs, mask=in_half, other=0.0)
+    dim: tl.constexpr = 2 * HALF
+    _cos_sin_row(rotary, inv_freq, scaling, cos_ptr + row * dim, sin_ptr + row * dim,
+                 offs, in_half, HALF)  # fmt: skip
+    _cos_sin_row(sink_position, inv_freq, scaling, sink_cos_ptr + row * dim,
+                 sink_sin_ptr + row * dim, offs, in_half, HALF)  # fmt: skip
+
+
+def decode_prep(
+    slots: torch.Tensor,
+    seen: torch.Tensor,
+    base: torch.Tensor,
+    next_token: torch.Tensor,
+    inv_freq: torch.Tensor,
+    scaling: float,
+    sink: int,
+    window: int,
+) -> tuple[torch.Tensor, ...]:
+    """reference.decode_prep in one launch (a graph decode step's whole batch set-up)."""
+    batch, half = slots.shape[0], inv_freq.shape[0]
+    assert inv_freq.dtype == torch.float64 and inv_freq.is_contiguous()
+    device = slots.device
+    token_ids = torch.empty(batch, dtype=torch.int64, device=device)
+    index = torch.empty(batch, dtype=torch.int64, device=device)
+    seen_after = torch.empty(batch, dtype=torch.int64, device=device)
+    tables = [torch.empty((batch, 2 * half), dtype=torch.float32, device=device) for _ in range(4)]
+    if batch:
+        _decode_prep_kernel[(batch,)](
+            slots, seen, base, next_token, inv_freq, token_ids, index, seen_after, *tables,
+            float(scaling),
+            SINK=sink, WINDOW=window, HALF=half, HALF_PAD=triton.next_power_of_2(half),
+            PDL=pdl_enabled(), **pdl_launch(),
+            num_warps=1,
+        )  # fmt: skip
+    return (token_ids, index, seen_after, *tables)

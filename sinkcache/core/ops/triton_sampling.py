@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sinkcache.core.attention.triton_decode import running_interpreted, tile_count
+from sinkcache.core.attention.triton_tiles import running_interpreted, tile_count
 
 FANOUT = 16
 PASSES = 8  # 16^8 = 2^32 >= the 2^31 + 1 candidate patterns (0 .. +inf, and "none")
