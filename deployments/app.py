@@ -14,6 +14,7 @@ from deployments.checks import SettingsError, building_for_a_local_cluster, chec
 from deployments.directory import ReplicaDirectory
 from deployments.gateway import Gateway
 from deployments.replica import SessionReplica
+from deployments.secrets import check_resume_secret
 from deployments.settings import AppSettings
 
 
@@ -23,11 +24,21 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def _single_node(settings: AppSettings) -> bool:
+    """Whether the whole app runs on one node (then it may make its resume secret up)."""
+    import ray
+
+    if settings.gateways > settings.max_gateways_per_node or settings.gateway_resource:
+        return False
+    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n["Alive"]) <= 1
+
+
 def build_app(args: dict[str, Any] | AppSettings | None = None) -> Application:
     """Build the application from settings (a dict of strings from `serve run` / KubeRay works)."""
     settings = args if isinstance(args, AppSettings) else _settings_from(args)
     # One line now rather than a replica failing three times after Ray has started.
     check_settings(settings, local=building_for_a_local_cluster())
+    check_resume_secret(settings, _single_node(settings))
     gpus = settings.gpus_per_replica
     if gpus is None:
         gpus = 1 if _cluster_has_gpus() else 0

@@ -6,6 +6,7 @@ Torch-free: the replica's gRPC process imports it, and its engine may live in an
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from sinkcache.errors import (
     ArenaFullError,
@@ -16,7 +17,7 @@ from sinkcache.errors import (
 )
 from sinkcache.events import EndReason, Event, ScoresEvent, TokensEvent, TurnEndEvent
 from sinkcache.inputs import AppendInput, ChatTurn, GenerationParams, TextInput, TokenInput
-from sinkwire.status import StreamError
+from sinkwire.status import StreamError, one_line
 from sinkwire.v1 import streaming_llm_pb2 as pb
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -35,6 +36,8 @@ def status_for(error: BaseException) -> StreamError:
     """The gRPC status a client gets for an engine error."""
     if isinstance(error, StreamError):
         return error
+    if isinstance(error, DecodeError):  # bytes that are not a ClientMessage
+        return StreamError(grpc.StatusCode.INVALID_ARGUMENT, "malformed client message")
     if isinstance(error, SessionNotFoundError):
         return StreamError(grpc.StatusCode.NOT_FOUND, str(error))
     if isinstance(error, ArenaFullError):
@@ -46,6 +49,15 @@ def status_for(error: BaseException) -> StreamError:
     if isinstance(error, EngineStoppedError):
         return StreamError(grpc.StatusCode.UNAVAILABLE, str(error))
     return StreamError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+def rejected_message(error: BaseException, stream_pos: int, replica_id: str) -> pb.ServerMessage:
+    """The TurnEnd of an append refused on its own: nothing of it entered the stream."""
+    detail = error.message if isinstance(error, StreamError) else one_line(str(error))
+    return pb.ServerMessage(
+        turn_end=pb.TurnEnd(reason=pb.TurnEnd.REJECTED, stream_position=stream_pos, detail=detail),
+        replica_id=replica_id,
+    )
 
 
 def append_input(append: pb.Append) -> AppendInput:

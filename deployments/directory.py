@@ -7,6 +7,7 @@ misses heartbeats for `REPLICA_STALE_AFTER_S` is dropped, so a dead replica leav
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from ray import serve
@@ -24,12 +25,28 @@ from deployments.gateway_service import REPLICA_STALE_AFTER_S
 class ReplicaDirectory:
     def __init__(self) -> None:
         self._replicas: dict[str, dict[str, Any]] = {}
+        # Token charges by key that each gateway has not yet heard of from the others.
+        self._charges: dict[str, Counter[str]] = {}
+        self._gateway_seen: dict[str, float] = {}
 
     def heartbeat(self, info: dict[str, Any]) -> None:
         self._replicas[info["replica_id"]] = {**info, "seen": time.monotonic()}
 
     def leave(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)
+
+    def share_charges(self, gateway_id: str, charged: dict[str, int]) -> dict[str, int]:
+        """A gateway's token charges since its last call; returns the others' since then."""
+        now = time.monotonic()
+        self._gateway_seen[gateway_id] = now
+        for other, seen in list(self._gateway_seen.items()):
+            if now - seen > REPLICA_STALE_AFTER_S:
+                del self._gateway_seen[other]
+                self._charges.pop(other, None)
+        for other in self._gateway_seen:
+            if other != gateway_id and charged:
+                self._charges.setdefault(other, Counter()).update(charged)
+        return dict(self._charges.pop(gateway_id, Counter()))
 
     def replicas(self) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -12,6 +12,7 @@ import logging
 
 from ray import serve
 
+from deployments.gateway_guard import GatewayGuard, gateway_credentials
 from deployments.gateway_service import GatewayService
 from deployments.settings import AppSettings
 from deployments.store import open_store
@@ -25,28 +26,46 @@ class Gateway:
         self.directory = directory
         self.replicas = replicas  # bound so Serve deploys the replicas with the app
         self.settings = settings
+        self.gateway_id = serve.get_replica_context().replica_id.unique_id
         url = settings.store_url()
-        self.service = GatewayService(open_store(url, settings.session_ttl_s) if url else None)
+        self.service = GatewayService(
+            open_store(url, settings.session_ttl_s) if url else None,
+            guard=GatewayGuard.from_settings(settings),
+        )
+        host = settings.listen_host
         self.server = await self.service.start(
-            settings.host, settings.port, reuse_port=settings.max_gateways_per_node > 1
+            host,
+            settings.port,
+            reuse_port=settings.max_gateways_per_node > 1,
+            credentials=gateway_credentials(settings),
         )
         self._poll = asyncio.get_running_loop().create_task(self._watch_directory())
         # Under `serve run`, Serve also prints an http:// address: that is its HTTP proxy, which
         # this gRPC service does not use.
         log.info(
             "sinkserve gRPC gateway listening on %s:%d (sinkserve chat --target HOST:%d)",
-            settings.host,
+            host,
             settings.port,
             settings.port,
         )
 
     async def _watch_directory(self) -> None:
+        quotas = self.service.guard.quotas
         while True:
             try:
                 await self.service.update(await self.directory.replicas.remote())
+                # tokens_per_s holds across gateways: trade what each charged to which key
+                others = await self.directory.share_charges.remote(
+                    self.gateway_id, quotas.take_charges()
+                )
+                quotas.charge_others(others)
             except Exception:
                 log.warning("cannot read the replica directory", exc_info=True)
             await asyncio.sleep(0.5)
+
+    def backends(self) -> int:
+        """Replicas this gateway routes to (readiness, without a client's credentials)."""
+        return len(self.service.backends)
 
     async def check_health(self) -> None:
         if self._poll.done():

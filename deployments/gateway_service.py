@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import psutil
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deployments.auth import ANONYMOUS
+from deployments.gateway_guard import GatewayGuard
 from deployments.store import SessionStore, StoreUnavailableError
 from sinkwire.options import server_options
 from sinkwire.session_ids import replica_of
@@ -45,10 +46,11 @@ STORE_TIMEOUT_S = 2.0
 # A replica that left routing this recently may come back (a frozen process, a network split): a
 # Resume for one of its sessions is UNAVAILABLE (try again), not NOT_FOUND.
 REMEMBER_GONE_S = 600.0  # a session-store lookup that takes longer routes by the session id alone
-# Refusals before a replica's first answer that send the stream on to the next candidate: a full
-# replica, or one that is draining or whose engine is gone. Nothing was created on it.
-_MOVE_ON = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 CHANNELS_PER_REPLICA = 4  # HTTP/2 connections to each replica (spreads streams over them)
+# Each stream's flow-control window towards a replica, fixed (no BDP growth): when a client stops
+# taking a stream's replies, the replica is held back after this much, and its backpressure
+# (deployments/backpressure.py) stops the session's decoding. A token message is ~25 bytes.
+INTERNAL_WINDOW = [("grpc.http2.lookahead_bytes", 16 * 1024), ("grpc.http2.bdp_probe", 0)]
 
 
 @dataclass
@@ -64,8 +66,12 @@ class Backend:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     _next: int = 0
 
-    def connect(self) -> None:
-        options = [("grpc.use_local_subchannel_pool", 1)]
+    def connect(self, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+        options = [
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *INTERNAL_WINDOW,
+        ]
         self.channels = [
             grpc.aio.insecure_channel(self.address, options=options)
             for _ in range(CHANNELS_PER_REPLICA)
@@ -97,18 +103,28 @@ class _ReplicaGone(Exception):
 class GatewayService:
     """Routing state and the gRPC handlers; `update(infos)` tells it which replicas exist."""
 
-    def __init__(self, store: SessionStore | None = None) -> None:
+    def __init__(
+        self, store: SessionStore | None = None, guard: GatewayGuard | None = None
+    ) -> None:
         self.backends: dict[str, Backend] = {}
         self.health = health.aio.HealthServicer()
+        # Keys, first-message checks, quotas and error wording (deployments/gateway_guard.py).
+        self.guard = guard or GatewayGuard()
         # Where sessions are checkpointed: a Resume goes to the replica holding the session now,
         # or, when its replica is gone, to one with room, which rebuilds it from there.
         self.store = store
         self._gone: dict[str, float] = {}  # replica id -> when it left routing (monotonic)
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> grpc.aio.Server:
-        """Listen on host:port; `reuse_port` lets several gateway processes share the port (the
-        kernel spreads connections over them)."""
-        server = grpc.aio.server(options=server_options(reuse_port))
+    async def start(
+        self,
+        host: str,
+        port: int,
+        reuse_port: bool = False,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> grpc.aio.Server:
+        """Listen on host:port (TLS with `credentials`); `reuse_port` lets several gateway
+        processes share the port (the kernel spreads connections over them)."""
+        server = grpc.aio.server(options=server_options(reuse_port, self.guard.max_message_bytes))
         handlers = {
             "Session": grpc.stream_stream_rpc_method_handler(self.session),
             "Stats": grpc.unary_unary_rpc_method_handler(
@@ -122,8 +138,14 @@ class GatewayService:
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        if server.add_insecure_port(f"{host}:{port}") == 0:
-            raise RuntimeError(f"cannot listen on {host}:{port}")
+        address = f"{host}:{port}"
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+        if bound == 0:
+            raise RuntimeError(f"cannot listen on {address}")
         await server.start()
         await self._set_serving(False)
         return server
@@ -140,12 +162,13 @@ class GatewayService:
                 if backend is not None:
                     await backend.close()
                 backend = Backend(replica_id, info["address"])
-                backend.connect()
+                backend.connect(self.guard.max_message_bytes)
                 self.backends[replica_id] = backend
             backend.slots_free = info["slots_free"]
             backend.held = info.get("held", 0)
             backend.accepting = info.get("accepting", True)
             backend.placed = 0
+        self.guard.quotas.replicas_report(info.get("owners", {}) for info in infos)
         now = time.monotonic()
         for replica_id in set(self.backends) - seen:
             await self.backends.pop(replica_id).close()
@@ -197,7 +220,7 @@ class GatewayService:
                 raise StreamError(
                     grpc.StatusCode.UNAVAILABLE, "the session's replica is unreachable; try again"
                 )
-            raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} not found")
+            raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id} not found")
         return [opener]
 
     def _by_room(self) -> list[Backend]:
@@ -209,31 +232,38 @@ class GatewayService:
 
     # -- Session ---------------------------------------------------------------------------------
     async def session(self, request_iterator, context) -> AsyncIterator[bytes]:
+        guard = self.guard
         requests = aiter(request_iterator)
-        raw_first = await anext(requests, None)
-        if raw_first is None:
+        raw_first = await anext(requests, None)  # first: a client whose write raced a refusal
+        if raw_first is None:  # would be told INTERNAL by its gRPC library
             return
         try:
-            first = pb.ClientMessage.FromString(raw_first)
+            principal = await guard.authenticate(context)
+            first = guard.first_message(raw_first, principal)
             candidates = await self._candidates(first)
-        except DecodeError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed client message")
         except StreamError as error:
             await context.abort(error.code, error.message)
+        pacing = guard.pacing(principal)  # a key with a tokens_per_s quota
+        if pacing is not None:
+            requests = pacing.client_messages(requests)
+        metadata = guard.replica_metadata(principal)
         opening = first.WhichOneof("kind") == "open"
         refusals: list[_Refused] = []
         for backend in candidates:
             if opening:
                 backend.placed += 1
             try:
-                async for response in self._pipe(backend, raw_first, requests, context):
+                pipe = self._pipe(backend, raw_first, requests, context, metadata)
+                async for response in pipe if pacing is None else pacing.replies(pipe):
                     yield response
                 return
             except _Refused as refused:
                 refusals.append(refused)
                 continue  # nothing was created there: another replica may take it
+            except StreamError as error:  # over a quota while piping
+                await context.abort(error.code, error.message)
             except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), error.details() or "replica error")
+                await context.abort(*guard.client_status(error, backend.replica_id))
             except _ReplicaGone:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
@@ -251,19 +281,21 @@ class GatewayService:
         )
 
     async def _pipe(
-        self, backend: Backend, raw_first: bytes, requests, context
+        self, backend: Backend, raw_first: bytes, requests, context, metadata=()
     ) -> AsyncIterator[bytes]:
         """Relay one stream to `backend`. Client messages after the first wait until the replica
         has answered it, so a refused Open can go on to the next replica with nothing lost."""
         opened = asyncio.Event()
+        feeding: list[asyncio.Task] = []  # the task gRPC feeds the call from (see finally)
 
         async def upstream() -> AsyncIterator[bytes]:
+            feeding.append(asyncio.current_task())
             yield raw_first
             await opened.wait()
             async for raw in requests:
                 yield raw
 
-        call = backend.channel().stream_stream(SESSION_METHOD)(upstream())
+        call = backend.channel().stream_stream(SESSION_METHOD)(upstream(), metadata=metadata)
         try:
             first_response = True
             async for response in call:
@@ -272,8 +304,8 @@ class GatewayService:
                     opened.set()
                 yield response
         except grpc.aio.AioRpcError as error:
-            if first_response and error.code() in _MOVE_ON:
-                raise _Refused(error.code(), error.details() or "") from None
+            if first_response and self.guard.moves_on(error):
+                raise _Refused(*self.guard.client_status(error, backend.replica_id)) from None
             raise
         except asyncio.CancelledError:
             # Not our cancellation (the client leaving): the replica's channel was closed under
@@ -284,9 +316,19 @@ class GatewayService:
             raise _ReplicaGone() from None
         finally:
             call.cancel()
+            # A call that ended on its own is not cancelled, and gRPC leaves its feeding task
+            # waiting (for `opened`, or the client's next message) until it is collected.
+            for task in feeding:
+                task.cancel()
 
     # -- Stats -------------------------------------------------------------------------------------
     async def stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        try:
+            await self.guard.authenticate(context, admin=True)
+        except StreamError as error:
+            await context.abort(error.code, error.message)
+        metadata = self.guard.replica_metadata(ANONYMOUS)
+
         async def one(backend: Backend) -> pb.StatsResponse | None:
             method = backend.channel().unary_unary(
                 STATS_METHOD,
@@ -294,7 +336,7 @@ class GatewayService:
                 response_deserializer=pb.StatsResponse.FromString,
             )
             with contextlib.suppress(grpc.aio.AioRpcError):
-                return await method(pb.StatsRequest(), timeout=2.0)
+                return await method(pb.StatsRequest(), timeout=2.0, metadata=metadata)
             return None
 
         answers = await asyncio.gather(*(one(b) for b in list(self.backends.values())))

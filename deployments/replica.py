@@ -40,10 +40,12 @@ class SessionReplica:
         store = open_store(url, ttl_s=settings.session_ttl_s) if url else None
         self.engine = await start_engine(settings.engine, in_process=not settings.engine_process)
         self.metrics = ReplicaMetrics(self.replica_id)
+        # The node's (pod's) address only, never every interface: gateways reach it there.
+        host = ray.util.get_node_ip_address()
         self.server, self.sessions, self.health, port = await start_replica_server(
-            self.engine, self.replica_id, settings, store=store
+            self.engine, self.replica_id, settings, store=store, host=host
         )
-        self.address = f"{ray.util.get_node_ip_address()}:{port}"
+        self.address = f"{host}:{port}"
         self.directory = directory
         self._last_stats = None
         self._tasks = [
@@ -74,6 +76,7 @@ class SessionReplica:
             "sessions": stats.sessions,
             "held": stats.sessions + self.sessions.offloaded,
             "accepting": accepting,
+            "owners": self.sessions.owner_counts(),  # for the gateways' max_sessions quotas
         }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -19,11 +19,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
 
-from deployments.resume import token_matches
+from deployments.resume import check_resume
 from deployments.settings import AppSettings
 from deployments.store import CheckpointWriter, SessionRecord, SessionStore, StoreUnavailableError
 from sinkcache.errors import (
@@ -99,7 +100,7 @@ class ReplicaSessions:
     async def open(self, owner: str = "") -> Attached:
         self._refuse_while_draining()
         session_id = new_session_id(self.replica_id)
-        info = await self._with_room(lambda: self.engine.open_session(session_id))
+        info = await self._with_room(lambda: _open_unless_left(self.engine, session_id))
         entry = self.entries[session_id] = SessionEntry(session_id, owner, epoch=0)
         if (
             self.writer is not None
@@ -107,12 +108,14 @@ class ReplicaSessions:
             self.writer.submit(self._record(entry, SessionSnapshot(session_id, b"", 0, None)))
         return Attached(info, resumed=False, rebuilt=False)
 
-    async def resume(self, session_id: str, token: str) -> Attached:
+    async def resume(self, session_id: str, token: str, owner: str = "") -> Attached:
+        """Resume for `owner` (the API key name the gateway vouches for; "" without keys)."""
         if not session_id:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "resume needs a session_id")
-        # The token first: a caller without it learns nothing and makes nothing wait.
-        if not token_matches(self.settings.resume_secret, session_id, token):
-            raise StreamError(grpc.StatusCode.PERMISSION_DENIED, "wrong resume token")
+        # The token first: a caller without it learns nothing and makes nothing wait. It is
+        # bound to the owner, so another key's token is refused too (deployments/resume.py).
+        known = self.entries.get(session_id)
+        check_resume(self.settings.resume_secret, session_id, token, owner, known and known.owner)
         entry = self.entries.get(session_id)
         if self.draining:
             if entry is not None and self.store is not None:
@@ -264,6 +267,11 @@ class ReplicaSessions:
         entry.stream = out
         entry.detached_since = None
         entry.last_active = time.monotonic()
+
+    def holds_stream(self, session_id: str, out: asyncio.Queue) -> bool:
+        """Whether the stream with outbox `out` is still the one attached to the session."""
+        entry = self.entries.get(session_id)
+        return entry is not None and entry.stream is out
 
     def detach(self, session_id: str, out: asyncio.Queue, closed: bool) -> None:
         entry = self.entries.get(session_id)
@@ -461,3 +469,25 @@ class ReplicaSessions:
     @property
     def offloaded(self) -> int:
         return sum(1 for e in self.entries.values() if not e.resident)
+
+    def owner_counts(self) -> dict[str, int]:
+        """Sessions held here (with a slot or offloaded) by API key name: what gateways count
+        against a key's max_sessions quota."""
+        return dict(Counter(entry.owner for entry in self.entries.values()))
+
+
+async def _open_unless_left(engine: Engine, session_id: str) -> SessionInfo:
+    """Open a session; if the stream goes away while it opens (its caller is cancelled), close it
+    once it is open: nobody learned its id, so it would hold its slot forever (found by fuzzing)."""
+    opening = asyncio.ensure_future(engine.open_session(session_id))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+
+        def close_orphan(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                task = asyncio.ensure_future(engine.close(session_id))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        opening.add_done_callback(close_orphan)
+        raise

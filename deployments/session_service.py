@@ -9,6 +9,7 @@ replica server with `start_replica_server`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -18,13 +19,31 @@ import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from deployments.convert import append_input, generation_params, server_message, status_for
+from deployments.backpressure import ReplyBuffer
+from deployments.convert import (
+    append_input,
+    generation_params,
+    rejected_message,
+    server_message,
+    status_for,
+)
+from deployments.internal import (
+    FROM_REPLICA,
+    NO_FREE_SLOT,
+    OWNER_KEY,
+    GatewaysOnly,
+    error_mark,
+    internal_token,
+    metadata_value,
+)
 from deployments.replica_sessions import Attached, ReplicaSessions
 from deployments.resume import resume_token
 from deployments.settings import AppSettings
 from deployments.store import SessionStore
+from sinkcache.errors import ArenaFullError, InvalidRequestError
+from sinkcache.events import TurnEndEvent
 from sinkcache.host.protocol import Engine
-from sinkwire.options import SERVER_OPTIONS
+from sinkwire.options import server_options
 from sinkwire.status import StreamError
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
@@ -32,6 +51,16 @@ from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 _END = object()  # ends a stream normally
+# Appends a stream may have waiting for their turn; past it the stream stops reading the client
+# (HTTP/2 flow control then holds the client's writes), so a client cannot queue without bound.
+MAX_QUEUED_TURNS = 64
+
+
+class _Rejected:
+    """An append refused on its own: its place in the stream's turns, and why."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class SessionServicer(pb_grpc.StreamingLLMServicer):
@@ -42,17 +71,21 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
         self.engine = sessions.engine
 
     async def Session(self, request_iterator, context) -> AsyncIterator[pb.ServerMessage]:
-        out: asyncio.Queue = asyncio.Queue()
+        out = ReplyBuffer(self.sessions.settings.max_buffered_tokens)
+        # The API key name the gateway vouches for ("" without keys); GatewaysOnly checked it.
+        owner = metadata_value(context.invocation_metadata(), OWNER_KEY) or ""
         session_id, closed, reader = None, False, None
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            attached = await self._start(first)
+            attached = await self._start(first, owner)
             session_id = attached.info.session_id
             self.sessions.attach(session_id, out)
-            yield self._opened(attached)
-            reader = asyncio.create_task(self._read(request_iterator, session_id, out))
+            out.watch(functools.partial(self.engine.hold_decode, session_id))
+            yield self._opened(attached, owner)
+            position = attached.info.stream_pos
+            reader = asyncio.create_task(self._read(request_iterator, session_id, out, position))
             while True:
                 item = await out.get()
                 if item is _END:
@@ -66,31 +99,36 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             status = status_for(error)
             if status.code == grpc.StatusCode.INTERNAL:
                 log.exception("session stream failed")
-            await context.abort(status.code, status.message)
+            mark = NO_FREE_SLOT if isinstance(error, ArenaFullError) else FROM_REPLICA
+            await context.abort(status.code, status.message, trailing_metadata=error_mark(mark))
         finally:
             if reader is not None:
                 reader.cancel()
             if session_id is not None:
+                if self.sessions.holds_stream(session_id, out):
+                    out.release()  # before detach cancels the reply: a held reply must drain
                 self.sessions.detach(session_id, out, closed)
 
-    async def _start(self, first: pb.ClientMessage) -> Attached:
-        """Open or resume the session the stream's first message names."""
+    async def _start(self, first: pb.ClientMessage, owner: str) -> Attached:
+        """Open or resume the session the stream's first message names, for `owner`."""
         kind = first.WhichOneof("kind")
         if kind == "open":
-            return await self.sessions.open()
+            return await self.sessions.open(owner)
         if kind == "resume":
-            return await self.sessions.resume(first.resume.session_id, first.resume.resume_token)
+            resume = first.resume
+            return await self.sessions.resume(resume.session_id, resume.resume_token, owner)
         raise StreamError(
             grpc.StatusCode.FAILED_PRECONDITION,
             "the first message of a stream must be open or resume",
         )
 
-    def _opened(self, attached: Attached) -> pb.ServerMessage:
+    def _opened(self, attached: Attached, owner: str) -> pb.ServerMessage:
         info, replica_id = attached.info, self.sessions.replica_id
+        secret = self.sessions.settings.resume_secret
         return pb.ServerMessage(
             opened=pb.Opened(
                 session_id=info.session_id,
-                resume_token=resume_token(self.sessions.settings.resume_secret, info.session_id),
+                resume_token=resume_token(secret, info.session_id, owner),
                 replica_id=replica_id,
                 sink_tokens=info.sink,
                 window_tokens=info.window,
@@ -103,33 +141,25 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             replica_id=replica_id,
         )
 
-    async def _read(self, request_iterator, session_id: str, out: asyncio.Queue) -> None:
-        """Client messages in, one turn at a time out (turns run in order, as the engine does)."""
-        turns: asyncio.Queue = asyncio.Queue()
-        forwarder = asyncio.create_task(self._forward(turns, out))
+    async def _read(
+        self, request_iterator, session_id: str, out: asyncio.Queue, position: int
+    ) -> None:
+        """Client messages in, one turn at a time out (turns run in order, as the engine does).
+        An append that is invalid on its own becomes a REJECTED turn in its place; only messages
+        out of protocol end the stream."""
+        turns: asyncio.Queue = asyncio.Queue(MAX_QUEUED_TURNS)
+        forwarder = asyncio.create_task(self._forward(turns, out, session_id, position))
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "append":
-                    append = message.append
                     if self.sessions.draining:  # accepted turns finish; this one goes elsewhere
                         await turns.join()
                         raise StreamError(
                             grpc.StatusCode.UNAVAILABLE,
                             "replica draining: resume the session and send the turn again",
                         )
-                    await self.sessions.before_append(session_id)
-                    try:
-                        stream = await self.engine.append(
-                            session_id,
-                            append_input(append),
-                            generation_params(append),
-                            append.score,
-                        )
-                    except BaseException:
-                        self.sessions.append_refused(session_id)
-                        raise
-                    turns.put_nowait((session_id, stream))
+                    await turns.put(await self._submit(session_id, message.append))
                 elif kind == "cancel":
                     await self.engine.cancel(session_id)
                 elif kind == "close":
@@ -157,13 +187,43 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
         finally:
             forwarder.cancel()
 
-    async def _forward(self, turns: asyncio.Queue, out: asyncio.Queue) -> None:
+    async def _submit(self, session_id: str, append: pb.Append) -> AsyncIterator | _Rejected:
+        """The append's event stream, or its rejection if it is invalid on its own."""
+        try:
+            item, params = append_input(append), generation_params(append)
+        except StreamError as error:
+            if error.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            return _Rejected(error)
+        await self.sessions.before_append(session_id)
+        try:
+            return await self.engine.append(session_id, item, params, append.score)
+        except InvalidRequestError as error:
+            self.sessions.append_refused(session_id)
+            return _Rejected(error)
+        except BaseException:
+            self.sessions.append_refused(session_id)
+            raise
+
+    async def _forward(
+        self, turns: asyncio.Queue, out: asyncio.Queue, session_id: str, position: int
+    ) -> None:
+        """Each turn's events as messages, in order; `position` follows the stream so that a
+        rejected turn can say where the stream stands."""
         replica_id = self.sessions.replica_id
         while True:
-            session_id, stream = await turns.get()
+            turn = await turns.get()
+            if isinstance(turn, _Rejected):
+                out.put_nowait(rejected_message(turn.error, position, replica_id))
+                turns.task_done()
+                continue
             try:
-                async for event in stream:
+                async for event in turn:
+                    if isinstance(event, TurnEndEvent):
+                        position = event.stream_pos
                     out.put_nowait(server_message(event, replica_id))
+            except InvalidRequestError as error:  # refused when its turn came (nothing to feed)
+                out.put_nowait(rejected_message(error, position, replica_id))
             except Exception as error:
                 out.put_nowait(status_for(error))
             finally:
@@ -209,6 +269,8 @@ async def replica_stats(sessions: ReplicaSessions) -> pb.ReplicaStats:
         hostname=socket.gethostname(),
         pid=os.getpid(),
         engine_pid=stats.engine_pid,
+        sessions_by_key=sessions.owner_counts(),
+        decode_held=stats.decode_held,
     )
 
 
@@ -218,18 +280,24 @@ async def start_replica_server(
     settings: AppSettings,
     port: int = 0,
     store: SessionStore | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[grpc.aio.Server, ReplicaSessions, health.aio.HealthServicer, int]:
-    """Serve `engine`'s sessions on `port` (0: any free port); returns the bound port too.
-    With a `store`, sessions are checkpointed there and rebuilt from it."""
+    """Serve `engine`'s sessions on `host`:`port` (0: any free port); returns the bound port too.
+    With a `store`, sessions are checkpointed there and rebuilt from it. `host` is the address
+    gateways reach this node by (the pod's, on Kubernetes), never all of them, and only callers
+    with the internal credential are served (deployments/internal.py)."""
     sessions = ReplicaSessions(engine, replica_id, settings, store)
     await sessions.start()
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=server_options(max_message_bytes=settings.max_message_bytes),
+        interceptors=[GatewaysOnly(internal_token(settings.resume_secret))],
+    )
     pb_grpc.add_StreamingLLMServicer_to_server(SessionServicer(sessions), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    bound = server.add_insecure_port(f"0.0.0.0:{port}")
+    bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise RuntimeError(f"cannot listen on port {port}")
+        raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()
     await health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, sessions, health_service, bound

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import secrets
 import types
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from sinkcache.config import EngineConfig, setting
+from sinkwire.options import DEFAULT_MAX_MESSAGE_BYTES
+
+ENV_API_KEYS = "SINKSERVE_API_KEYS"  # the keys file's content (deployments/auth.py)
 
 STORE_ENV = "SINKSERVE_SESSION_STORE"
 SECRET_ENV = "SINKSERVE_RESUME_SECRET"
@@ -40,12 +44,44 @@ class AppSettings:
         "run each replica's engine in a child process, so the engine loop never waits for the "
         "gRPC server's GIL (off: on a thread of the replica, one process to debug)",
     )
-    host: str = setting("0.0.0.0", "the gateway's listen address")
+    host: str | None = setting(
+        None,
+        "the gateway's listen address; default 127.0.0.1, or 0.0.0.0 (every interface) when "
+        "clients must authenticate (API keys or client certificates)",
+    )
     port: int = setting(50051, "the gateway's public gRPC port")
     metrics_export_port: int | None = setting(
         None,
         "Prometheus port of the local Ray cluster `sinkserve serve` starts (default: a free "
         "port, printed with the ready line); on a cluster, Ray's own --metrics-export-port",
+    )
+    insecure: bool = setting(
+        False,
+        "serve without API keys on an address other than loopback (anyone who can reach it may "
+        "use it)",
+    )
+    api_keys: str | None = setting(
+        None,
+        "file of hashed API keys, one per line with optional name=, max_sessions=, "
+        "tokens_per_s=, admin (`sinkserve api-key` makes them); or SINKSERVE_API_KEYS",
+    )
+    tls_cert: str | None = setting(None, "PEM certificate chain of the gateway port (TLS)")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = setting(
+        None, "PEM CA bundle: require client certificates it signed (mTLS)"
+    )
+    max_message_bytes: int = setting(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        "largest client message taken (serialized bytes); larger ends the stream with "
+        "RESOURCE_EXHAUSTED",
+    )
+    max_buffered_tokens: int = setting(
+        512,
+        "reply tokens a stream may have waiting for a slow reader before its session stops "
+        "generating (backpressure)",
+    )
+    quota_burst_s: float = setting(
+        10.0, "seconds of an API key's tokens_per_s it may use at once (the bucket's depth)"
     )
     gateways: int = setting(
         2, "gateways, at most max_gateways_per_node on a node (on Kubernetes: one per gateway pod)"
@@ -84,14 +120,22 @@ class AppSettings:
     )
     resume_secret: str = setting(
         "",
-        f"HMAC key of resume tokens, shared by all replicas; default: ${SECRET_ENV}, else a "
-        "random key kept in the cache directory (so a restarted service accepts old tokens)",
+        "HMAC key of resume tokens and of the gateways' credential, shared by the whole app; a "
+        f"config file or ${SECRET_ENV} (a Kubernetes Secret), never a flag; default on one node: "
+        "a random key kept in the cache directory (so a restarted service accepts old tokens)",
     )
     application: str = setting("sinkserve", "the Serve application's name")
 
     def __post_init__(self) -> None:
+        # Where the resume secret came from: "setting", "env", or "local" (made up on this
+        # machine, which only a single-node app may use: deployments/secrets.py).
+        self.resume_secret_source = "setting"
         if not self.resume_secret:
-            self.resume_secret = os.environ.get(SECRET_ENV) or _local_secret()
+            self.resume_secret = os.environ.get(SECRET_ENV, "")
+            self.resume_secret_source = "env"
+        if not self.resume_secret:
+            self.resume_secret = _local_secret()
+            self.resume_secret_source = "local"
         if not self.session_store:
             self.session_store = os.environ.get(STORE_ENV) or "sqlite"
 
@@ -167,8 +211,54 @@ class AppSettings:
             problems.append(
                 f"session_store must be sqlite, sqlite:///PATH, redis://..., or off; got {store!r}"
             )
+        problems += self._security_problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether clients must prove who they are (API keys, or mTLS client certificates)."""
+        return bool(self.api_keys or os.environ.get(ENV_API_KEYS, "").strip() or self.tls_client_ca)
+
+    @property
+    def listen_host(self) -> str:
+        """The gateway's listen address: `host`, else loopback unless clients authenticate."""
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.authenticates else "127.0.0.1"
+
+    def _security_problems(self) -> list[str]:
+        problems = []
+        if not (self.authenticates or self.insecure or _is_loopback(self.listen_host)):
+            problems.append(
+                f"the gateway would listen on {self.listen_host} with no API keys: give "
+                "--api-keys FILE (or SINKSERVE_API_KEYS), or --insecure to serve anyone who can "
+                "reach it"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        for name in ("api_keys", "tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                problems.append(f"{name}: no such file {path}")
+        if self.max_message_bytes < 1024:
+            problems.append(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.max_buffered_tokens < 1:
+            problems.append(f"max_buffered_tokens must be >= 1, got {self.max_buffered_tokens}")
+        if not self.quota_burst_s > 0:
+            problems.append(f"quota_burst_s must be > 0, got {self.quota_burst_s}")
+        return problems
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def setting_fields() -> Iterator[tuple[str, dataclasses.Field]]:

@@ -217,6 +217,53 @@ def _serve(args: argparse.Namespace) -> int:
     return run_service(settings, args.address, args.verbose)
 
 
+def _credentials(args: argparse.Namespace) -> Any:
+    """The client credentials of `chat` / `loadtest`: options first, then the environment."""
+    from sinkwire.channels import Credentials
+
+    return _check(
+        lambda: Credentials.from_env(
+            api_key=args.api_key,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+            tls=args.tls or None,
+            server_name=args.tls_server_name,
+        )
+    )
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="localhost:50051", help="the service's host:port")
+    parser.add_argument(
+        "--api-key",
+        help="the API key (sent as authorization: Bearer); better: SINKSERVE_API_KEY, which no "
+        "process list shows",
+    )
+    parser.add_argument("--ca", metavar="FILE", help="connect with TLS, trusting these PEM roots")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (the system's roots)")
+    parser.add_argument("--cert", metavar="FILE", help="client certificate chain, PEM (mTLS)")
+    parser.add_argument("--key", metavar="FILE", help="private key of --cert, PEM")
+    parser.add_argument("--tls-server-name", help="the name to check in the server certificate")
+
+
+def _api_key(args: argparse.Namespace) -> int:
+    """Make a new API key: the key on stdout, its line for the keys file appended (or printed)."""
+    from deployments.auth import hash_line, new_key
+
+    key, _ = new_key()
+    line = _check(
+        lambda: hash_line(key, args.name, args.max_sessions, args.tokens_per_s, args.admin)
+    )
+    if args.keys_file:
+        with open(args.keys_file, "a") as keys_file:
+            keys_file.write(line + "\n")
+        print(key)
+    else:
+        print(f"{key}\n{line}")
+    return 0
+
+
 def _check(fn: Any) -> Any:
     """Run `fn`; a ValueError (bad settings) ends the command with its one line and exit code 2."""
     try:
@@ -245,9 +292,11 @@ def _chat(args: argparse.Namespace) -> int:
         if args.session:
             if not args.resume_token:
                 raise SystemExit("--session needs --resume-token")
-            session = Session.resume(args.target, args.session, args.resume_token)
+            session = Session.resume(
+                args.target, args.session, args.resume_token, credentials=_credentials(args)
+            )
         else:
-            session = Session.open(args.target)
+            session = Session.open(args.target, credentials=_credentials(args))
     except SessionError as error:
         raise SystemExit(f"cannot start the session: {error}") from None
     opened = session.opened
@@ -281,6 +330,8 @@ def _chat(args: argparse.Namespace) -> int:
             for message in session.append(chat=("user", line), generate=params):
                 if message.HasField("tokens"):
                     print(message.tokens.text, end="", flush=True)
+                elif message.turn_end.reason == message.turn_end.REJECTED:
+                    print(f"(refused: {message.turn_end.detail})", end="")
             print()
     except SessionError as error:
         raise SystemExit(f"session ended: {error}") from None
@@ -309,6 +360,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stall_timeout_s=args.stall_timeout,
+        credentials=_credentials(args),
         chaos_kill_every_s=args.chaos_kill_every,
         chaos_target=args.chaos_target,
     )
@@ -389,7 +441,8 @@ def _stats(args: argparse.Namespace) -> int:
 
     def table():
         try:
-            return stats_table(fetch_stats(args.target, args.timeout), args.target)
+            stats = fetch_stats(args.target, args.timeout, _credentials(args))
+            return stats_table(stats, args.target)
         except grpc.RpcError as error:
             _fail(f"{args.target} did not answer: {error.code().name} ({error.details()})", 1)
 
@@ -458,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(run=_serve)
 
     ch = command("chat", "chat with a running service, streaming replies")
-    ch.add_argument("--target", default="localhost:50051", help="the service's host:port")
+    _add_client_options(ch)
     ch.add_argument("--session", help="resume this session id")
     ch.add_argument("--resume-token", help="the resume token of --session")
     ch.add_argument("--system", help="a system message to start a new session with")
@@ -468,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(run=_chat)
 
     lt = command("loadtest", "many concurrent endless sessions against a running service")
-    lt.add_argument("--target", default="localhost:50051", help="the service's host:port")
+    _add_client_options(lt)
     lt.add_argument("--sessions", type=int, default=100, help="concurrent sessions")
     lt.add_argument("--duration", type=float, default=60.0, help="seconds after the ramp")
     lt.add_argument("--ramp", type=float, default=10.0, help="seconds to open all sessions")
@@ -497,12 +550,27 @@ def build_parser() -> argparse.ArgumentParser:
     lt.set_defaults(run=_loadtest)
 
     st = command("stats", "sessions, slots, tokens and memory of a running service, per replica")
-    st.add_argument("--target", default="localhost:50051", help="the service's host:port")
+    _add_client_options(st)  # an admin key where keys are on
     st.add_argument(
         "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C"
     )
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     st.set_defaults(run=_stats)
+
+    ak = command(
+        "api-key",
+        "make an API key: prints the key (give it to the client), and its hashed line for the "
+        "service's keys file (--api-keys)",
+    )
+    ak.add_argument("--name", help="who the key is: keys with one name own the same sessions")
+    ak.add_argument("--max-sessions", type=int, help="sessions the key may hold at once")
+    ak.add_argument("--tokens-per-s", type=float, help="tokens per second the key may use")
+    ak.add_argument("--admin", action="store_true", help="the key may call Stats")
+    ak.add_argument(
+        "--keys-file", metavar="FILE",
+        help="append the line to this keys file and print only the key",
+    )  # fmt: skip
+    ak.set_defaults(run=_api_key)
 
     ev = command("eval-ppl", "perplexity of a long text streamed through the engine")
     _add_setting_options(ev, EVAL_SETTINGS, defaults={"window": EVAL_WINDOW})

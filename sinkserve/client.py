@@ -14,6 +14,14 @@ was cut raises `StreamResumed`, which says where the session now stands and how 
 the client saw that are not in its stream, and the session is ready for the next call. To continue
 a session later from anywhere, keep `session_id` and `resume_token` and call `resume`. The CLI
 (`sinkserve chat`) and the load tester use this module.
+
+Credentials (an API key, TLS roots, a client certificate) are a `Credentials`; without one the
+client reads SINKSERVE_API_KEY, SINKSERVE_CA, SINKSERVE_CLIENT_CERT/KEY and SINKSERVE_TLS:
+
+    session = await AsyncSession.open(target, credentials=Credentials(api_key=key, ca="ca.pem"))
+
+An append refused on its own ends with a TurnEnd whose reason is REJECTED (`detail` says why);
+the session and the stream go on.
 """
 
 from __future__ import annotations
@@ -27,10 +35,15 @@ from typing import Any
 
 import grpc
 
+from sinkwire.channels import Credentials, aio_channel, sync_channel
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 GenerationParams = pb.GenerationParams
+__all__ = [
+    "AsyncSession", "Credentials", "GenerationParams", "Reply", "ResumePolicy", "Session",
+    "SessionError", "StreamResumed",
+]  # fmt: skip
 
 
 class SessionError(Exception):
@@ -183,8 +196,12 @@ class AsyncSession:
         target: str,
         channel: grpc.aio.Channel | None = None,
         resume_policy: ResumePolicy | None = DEFAULT_RESUME,
+        credentials: Credentials | None = None,
     ) -> AsyncSession:
-        return await cls._start(target, channel, pb.ClientMessage(open=pb.Open()), resume_policy)
+        """A new session; `channel` (made with `sinkwire.channels.aio_channel`) is shared and left
+        open, else one is made with `credentials` (default: from the environment)."""
+        first = pb.ClientMessage(open=pb.Open())
+        return await cls._start(target, channel, first, resume_policy, credentials)
 
     @classmethod
     async def resume(
@@ -194,15 +211,16 @@ class AsyncSession:
         resume_token: str,
         channel: grpc.aio.Channel | None = None,
         resume_policy: ResumePolicy | None = DEFAULT_RESUME,
+        credentials: Credentials | None = None,
     ) -> AsyncSession:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return await cls._start(target, channel, message, resume_policy)
+        return await cls._start(target, channel, message, resume_policy, credentials)
 
     @classmethod
-    async def _start(cls, target, channel, first, resume_policy) -> AsyncSession:
-        session = cls(target, channel or grpc.aio.insecure_channel(target), channel is None)
+    async def _start(cls, target, channel, first, resume_policy, credentials=None) -> AsyncSession:
+        session = cls(target, channel or aio_channel(target, credentials), channel is None)
         session.resume_policy = resume_policy
         try:
             await session._connect(first)
@@ -360,8 +378,9 @@ class Session:
         target: str,
         first: pb.ClientMessage,
         resume_policy: ResumePolicy | None = DEFAULT_RESUME,
+        credentials: Credentials | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target)
+        self._channel = sync_channel(target, credentials)
         self.resume_policy = resume_policy
         self._seen = 0
         self.resumes = 0
@@ -391,8 +410,13 @@ class Session:
         self._seen = max(self._seen, message.opened.stream_position)
 
     @classmethod
-    def open(cls, target: str, resume_policy: ResumePolicy | None = DEFAULT_RESUME) -> Session:
-        return cls(target, pb.ClientMessage(open=pb.Open()), resume_policy)
+    def open(
+        cls,
+        target: str,
+        resume_policy: ResumePolicy | None = DEFAULT_RESUME,
+        credentials: Credentials | None = None,
+    ) -> Session:
+        return cls(target, pb.ClientMessage(open=pb.Open()), resume_policy, credentials)
 
     @classmethod
     def resume(
@@ -401,11 +425,12 @@ class Session:
         session_id: str,
         resume_token: str,
         resume_policy: ResumePolicy | None = DEFAULT_RESUME,
+        credentials: Credentials | None = None,
     ) -> Session:
         message = pb.ClientMessage(
             resume=pb.Resume(session_id=session_id, resume_token=resume_token)
         )
-        return cls(target, message, resume_policy)
+        return cls(target, message, resume_policy, credentials)
 
     session_id = property(lambda self: self.opened.session_id)
     resume_token = property(lambda self: self.opened.resume_token)

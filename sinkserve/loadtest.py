@@ -33,6 +33,7 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from sinkserve.client import AsyncSession, SessionError, StreamResumed
+from sinkwire.channels import Credentials, aio_channel
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
@@ -97,6 +98,7 @@ class LoadConfig:
     # A reply stream silent this long counts as DEADLINE_EXCEEDED (and the session is resumed),
     # so a stalled server shows up as errors instead of a load test that never ends.
     stall_timeout_s: float = 60.0
+    credentials: Credentials | None = None  # None: from the environment (SINKSERVE_API_KEY, ...)
     # Every this many seconds (after the ramp), SIGKILL one replica process on this host (or its
     # engine process, chaos_target="engine"; one then the other, "alternate"; or the gateway that
     # answers, "gateway"); None: no chaos.
@@ -284,7 +286,7 @@ async def _chaos(
     rng = random.Random(config.seed)
     await asyncio.sleep(config.ramp_s)
     host = socket.gethostname()
-    async with grpc.aio.insecure_channel(config.target) as channel:
+    async with aio_channel(config.target, config.credentials) as channel:
         stub = pb_grpc.StreamingLLMStub(channel)
         while not stop.is_set():
             try:
@@ -328,8 +330,11 @@ async def _chaos(
             )
 
 
+_NOT_ADMIN = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
 async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Event) -> None:
-    async with grpc.aio.insecure_channel(config.target) as channel:
+    async with aio_channel(config.target, config.credentials) as channel:
         stub = pb_grpc.StreamingLLMStub(channel)
         while True:
             try:
@@ -346,6 +351,8 @@ async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Eve
                     }
                 )
             except grpc.aio.AioRpcError as error:
+                if error.code() in _NOT_ADMIN:  # server figures need an admin key: go without
+                    return
                 stats.error(error.code(), error.details() or "")
             try:
                 await asyncio.wait_for(stop.wait(), config.stats_interval_s)
@@ -381,7 +388,7 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
     stop = asyncio.Event()
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_concurrent_streams", 100_000)]
     channels = [
-        grpc.aio.insecure_channel(config.target, options=options) for _ in range(config.channels)
+        aio_channel(config.target, config.credentials, options) for _ in range(config.channels)
     ]
     sampler = asyncio.create_task(_sample_server(config, stats, stop))
     progress = asyncio.create_task(_progress(stats, stop, live))

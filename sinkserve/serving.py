@@ -114,11 +114,9 @@ def wait_until_ready(
     """
     from ray import serve
 
-    from sinkserve.health import is_serving, replica_count
-
     status = status or serve.status
-    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
-    client_address = f"{host}:{settings.port}"
+    host = settings.listen_host
+    client_address = f"{'localhost' if host in ('0.0.0.0', '::') else host}:{settings.port}"
     noted: set[str] = set()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -132,12 +130,22 @@ def wait_until_ready(
                 if note and note not in noted:
                     noted.add(note)
                     print(f"sinkserve: note: {name}: {_one_line(note)}", file=sys.stderr)
-        if is_serving(client_address, timeout_s=1.0) and (
-            replica_count(client_address, timeout_s=1.0) >= settings.replicas
-        ):
+        if app is not None and _routed_replicas(settings) >= settings.replicas:
             return client_address
         time.sleep(POLL_S)
     raise StartFailed(f"not serving {settings.replicas} replica(s) within {timeout_s:.0f} s")
+
+
+def _routed_replicas(settings: AppSettings) -> int:
+    """Replicas a gateway routes to, asked through Serve: this needs none of a client's
+    credentials (keys, TLS), which the service may require."""
+    from ray import serve
+
+    try:
+        gateway = serve.get_deployment_handle("Gateway", app_name=settings.application)
+        return gateway.backends.remote().result(timeout_s=2.0)
+    except Exception:  # not deployed or not ready yet
+        return 0
 
 
 def startup_failure(app: Any) -> str | None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import grpc
 from rich import box
 from rich.table import Table
 
+from sinkwire.channels import Credentials, sync_channel
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 
-def fetch_stats(target: str, timeout_s: float = 5.0) -> pb.StatsResponse:
-    """The gateway's Stats answer; grpc.RpcError when the target does not answer."""
-    with grpc.insecure_channel(target) as channel:
+def fetch_stats(
+    target: str, timeout_s: float = 5.0, credentials: Credentials | None = None
+) -> pb.StatsResponse:
+    """The gateway's Stats answer (it needs an admin key where keys are on); grpc.RpcError when
+    the target does not answer."""
+    with sync_channel(target, credentials) as channel:
         return pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=timeout_s)
 
 

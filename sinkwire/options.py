@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The largest client message a service takes (AppSettings.max_message_bytes; gRPC's own default).
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
 # Long-lived bidirectional streams: keepalives find dead peers, and one connection may carry
 # thousands of concurrent session streams.
 SERVER_OPTIONS: list[tuple[str, int]] = [
@@ -14,8 +17,15 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def server_options(reuse_port: bool = False) -> list[tuple[str, int]]:
+def server_options(
+    reuse_port: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[tuple[str, int]]:
     """SERVER_OPTIONS; `reuse_port` lets several processes share one port (the kernel spreads
-    connections over them)."""
+    connections over them); a received message over `max_message_bytes` ends its call with
+    RESOURCE_EXHAUSTED."""
     options = [option for option in SERVER_OPTIONS if option[0] != "grpc.so_reuseport"]
-    return [*options, ("grpc.so_reuseport", int(reuse_port))]
+    return [
+        *options,
+        ("grpc.so_reuseport", int(reuse_port)),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]

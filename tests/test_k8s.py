@@ -81,3 +81,29 @@ def test_the_resume_secret_comes_from_the_environment(monkeypatch) -> None:
     assert AppSettings.from_args({"resume_secret": "given"}).resume_secret == "given"
     monkeypatch.delenv("SINKSERVE_RESUME_SECRET")
     assert len(AppSettings.from_args({}).resume_secret) == 64  # random
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_keeps_its_secrets_in_secrets(path: Path) -> None:
+    """API keys, TLS, the resume secret and the session store's URL come from Kubernetes Secrets
+    on every pod (the gateways and replicas may run on any of them); no secret is written in the
+    manifest."""
+    service, _ = list(yaml.safe_load_all(path.read_text()))
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert "resume_secret" not in app["args"]
+    settings = AppSettings.from_args(app["args"])
+    assert settings.authenticates and settings.listen_host == "0.0.0.0" and not settings.insecure
+    files = [settings.api_keys, settings.tls_cert, settings.tls_key]
+    assert all(files)
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        secret_volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container["env"]}
+            for name in ("SINKSERVE_RESUME_SECRET", "SINKSERVE_SESSION_STORE"):
+                assert "secretKeyRef" in env[name]["valueFrom"], (container["name"], name)
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            for file in files:  # each file lies in a mounted Secret
+                directory = str(Path(file).parent)
+                assert mounts.get(directory) in secret_volumes, (container["name"], file)

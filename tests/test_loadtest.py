@@ -36,7 +36,7 @@ async def test_two_hundred_endless_sessions_lose_nothing() -> None:
 async def test_a_stalled_engine_shows_as_deadline_errors_and_the_run_still_ends() -> None:
     """Freeze the replica's engine process mid-run (SIGSTOP): replies stall, the load test
     reports DEADLINE_EXCEEDED and lost sessions and ends on time; thawed, the replica serves."""
-    port = free_port()
+    port, gateway_port = free_port(), free_port()
     command = [sys.executable, "-m", "deployments.standalone", "replica", "--port", str(port)]
     settings = ["model=tiny", "slots=8", "window=60", "torch_threads=1"]
     replica = subprocess.Popen(
@@ -44,9 +44,19 @@ async def test_a_stalled_engine_shows_as_deadline_errors_and_the_run_still_ends(
         stdout=subprocess.PIPE,
         text=True,
     )
+    gateway = None
     try:
         assert "ready" in replica.stdout.readline()
-        address = f"127.0.0.1:{port}"
+        gateway = subprocess.Popen(  # replicas serve gateways only
+            [
+                sys.executable, "-m", "deployments.standalone", "gateway",
+                "--port", str(gateway_port), "--replica", f"127.0.0.1:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert "ready" in gateway.stdout.readline()
+        address = f"127.0.0.1:{gateway_port}"
         wait_serving(address, replicas=1, timeout_s=60)
         (engine,) = psutil.Process(replica.pid).children()
         config = LoadConfig(
@@ -77,5 +87,7 @@ async def test_a_stalled_engine_shows_as_deadline_errors_and_the_run_still_ends(
         await session.close()
         assert len(reply.ids) == 5
     finally:
-        replica.send_signal(signal.SIGTERM)
-        replica.wait(timeout=30)
+        for process in (gateway, replica):
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)

@@ -99,38 +99,16 @@ async def test_drop_mid_generation_and_resume(address) -> None:
     ("messages", "code"),
     [
         (
-            [pb.ClientMessage(resume=pb.Resume(session_id="nope.123", resume_token="x"))],
+            [pb.ClientMessage(resume=pb.Resume(session_id="nope." + "0" * 32, resume_token="x"))],
             "NOT_FOUND",
+        ),
+        (
+            [pb.ClientMessage(resume=pb.Resume(session_id="nope.123", resume_token="x"))],
+            "INVALID_ARGUMENT",
         ),
         ([pb.ClientMessage(append=pb.Append(text="hi"))], "FAILED_PRECONDITION"),
         ([pb.ClientMessage()], "FAILED_PRECONDITION"),
-        (
-            [
-                pb.ClientMessage(open=pb.Open()),
-                pb.ClientMessage(append=pb.Append(tokens=pb.TokenIds(ids=[10**7]))),
-            ],
-            "INVALID_ARGUMENT",
-        ),
-        (
-            [
-                pb.ClientMessage(open=pb.Open()),
-                pb.ClientMessage(
-                    append=pb.Append(text="x", generate=pb.GenerationParams(temperature=-1.0))
-                ),
-            ],
-            "INVALID_ARGUMENT",
-        ),
-        (
-            [pb.ClientMessage(open=pb.Open()), pb.ClientMessage(append=pb.Append())],
-            "INVALID_ARGUMENT",
-        ),
-        (
-            [
-                pb.ClientMessage(open=pb.Open()),
-                pb.ClientMessage(append=pb.Append(chat=pb.ChatTurn(role="robot", content="x"))),
-            ],
-            "INVALID_ARGUMENT",
-        ),
+        ([pb.ClientMessage(open=pb.Open()), pb.ClientMessage()], "INVALID_ARGUMENT"),
         (
             [pb.ClientMessage(open=pb.Open()), pb.ClientMessage(open=pb.Open())],
             "FAILED_PRECONDITION",
@@ -156,6 +134,32 @@ async def test_bad_input_gets_a_status_and_the_server_keeps_serving(
     fresh = await AsyncSession.open(address)
     await fresh.reply(text="still here", generate=GREEDY)
     await fresh.close()
+
+
+@pytest.mark.parametrize(
+    "append",
+    [
+        pb.Append(tokens=pb.TokenIds(ids=[10**7])),
+        pb.Append(text="x", generate=pb.GenerationParams(temperature=-1.0)),
+        pb.Append(),
+        pb.Append(chat=pb.ChatTurn(role="robot", content="x")),
+    ],
+    ids=["token-out-of-range", "bad-temperature", "no-input", "unknown-role"],
+)
+async def test_an_invalid_append_is_refused_on_its_own(address, append) -> None:
+    """It gets a TurnEnd REJECTED with the reason; the turns around it and the stream go on."""
+    messages = await raw_stream(
+        address,
+        pb.ClientMessage(open=pb.Open()),
+        pb.ClientMessage(append=pb.Append(text="before", generate=GREEDY)),
+        pb.ClientMessage(append=append),
+        pb.ClientMessage(append=pb.Append(text="after", generate=GREEDY)),
+        pb.ClientMessage(close=pb.Close()),
+    )
+    ends = [m.turn_end for m in messages if m.HasField("turn_end")]
+    assert [e.reason == pb.TurnEnd.REJECTED for e in ends] == [False, True, False]
+    assert ends[1].detail and "\n" not in ends[1].detail
+    assert messages[-1].HasField("closed")
 
 
 async def test_idle_sessions_make_room_and_only_a_busy_service_refuses(address) -> None:

@@ -126,6 +126,11 @@ class EngineCore:
         request.cancelled = True
         return True
 
+    def hold_decode(self, session_id: str, held: bool) -> None:
+        """Stop (True) or restart (False) generating for the session, whose reader is behind;
+        its place, its reply and its queue are kept. Cancel and close still end a held reply."""
+        self.scheduler.hold(self.session(session_id), held)
+
     def close(self, session_id: str) -> None:
         session = self.session(session_id)
         session.closing = True

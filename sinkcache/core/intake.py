@@ -118,7 +118,7 @@ class RequestIntake:
                 raise InvalidRequestError("this model has no tokenizer: append token ids")
             if isinstance(item, ChatTurn) and item.role not in CHAT_ROLES:
                 raise InvalidRequestError(
-                    f"unknown chat role {item.role!r} (use {', '.join(CHAT_ROLES)})"
+                    f"unknown chat role {item.role[:32]!r} (use {', '.join(CHAT_ROLES)})"
                 )
             text = item.text if isinstance(item, TextInput) else item.content
             if len(text) > 4 * MAX_APPEND_TOKENS:

@@ -4,6 +4,9 @@ Every generating session gets one decode row per step (continuous batching). Pre
 most the window share a per-step prefill token budget, one chunk per session per step, round-robin:
 decodes always run, a long append cannot stall anyone, and new turns are not starved by a large
 decode batch (their first tokens wait for at most a few steps).
+A session whose reader is behind can be held (`hold`): it keeps its place but gets no decode rows
+until released, so an unread reply stops costing compute and memory (backpressure). A held reply
+that is cancelled gets the one row that ends it, as any cancelled reply does.
 The scheduler only plans, and owns the schedule's progress (session.cached and state, each
 request's fed/planned/decode_steps); the engine applies what the step produced.
 """
@@ -24,6 +27,7 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.decoding: dict[str, Session] = {}
         self.prefilling: deque[Session] = deque()
+        self.held: dict[str, Session] = {}  # generating, but held: no decode rows
         self._decode_version = 0
         self._decode_slots: list[int] = []
         self._decode_sessions: list[Session] = []
@@ -36,8 +40,23 @@ class Scheduler:
 
     def _start_decode(self, session: Session) -> None:
         session.state = SessionState.DECODE
+        if session.decode_held:
+            self.held[session.session_id] = session
+            return
         self.decoding[session.session_id] = session
         self._decode_dirty = True
+
+    def hold(self, session: Session, held: bool) -> None:
+        """Hold (True) or release (False) the session's decode rows; it lasts across turns."""
+        session.decode_held = held
+        session_id = session.session_id
+        if held and session_id in self.decoding:
+            self._stop_decode(session)
+            self.held[session_id] = session
+        elif not held and session_id in self.held:
+            del self.held[session_id]
+            self.decoding[session_id] = session
+            self._decode_dirty = True
 
     def _stop_decode(self, session: Session) -> None:
         if self.decoding.pop(session.session_id, None) is not None:
@@ -46,6 +65,7 @@ class Scheduler:
     def drop(self, session: Session) -> None:
         """Forget a session's schedule (its turn ended or it closed): it is idle."""
         self._stop_decode(session)
+        self.held.pop(session.session_id, None)
         if session in self.prefilling:
             self.prefilling.remove(session)
         session.state = SessionState.IDLE
@@ -58,11 +78,19 @@ class Scheduler:
     def plan(self) -> StepRecord | None:
         record = StepRecord(StepPlan())
         variant = SamplerVariant.GREEDY
+        ending = set()
+        for session_id, session in list(self.held.items()):
+            if session.active.cancelled:  # a held reply that must end gets the row that ends it
+                del self.held[session_id]
+                self.decoding[session_id] = session
+                self._decode_dirty = True
+                ending.add(session_id)
         for session in list(self.decoding.values()):
             request = session.active
             assert request is not None
             params = request.generation
-            if request.cancelled or request.planned >= params.max_new_tokens or request.finished:
+            cancelled = request.cancelled and session.session_id not in ending
+            if cancelled or request.planned >= params.max_new_tokens or request.finished:
                 self._stop_decode(session)
                 if not request.finished:
                     session.state = SessionState.DRAIN

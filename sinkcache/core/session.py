@@ -106,6 +106,7 @@ class Session:
     state: SessionState = SessionState.IDLE
     open_reply: int | None = None  # a reply a chat turn must close: its EOS token id, or -1
     closing: bool = False
+    decode_held: bool = False  # its reader is behind: plan no decode rows (backpressure)
     idle_waiters: list[Any] = field(default_factory=list)  # called with the session once idle
 
     @property

@@ -25,6 +25,7 @@ from sinkcache.host.commands import (
     GetHeldTokens,
     GetSessionInfo,
     GetStats,
+    HoldDecode,
     OffloadSession,
     OpenSession,
     RestoreSession,
@@ -138,6 +139,9 @@ class EngineClient:
 
     async def cancel(self, session_id: str) -> bool:
         return await self._call(CancelReply(session_id))
+
+    async def hold_decode(self, session_id: str, held: bool) -> None:
+        await self._call(HoldDecode(session_id, held))
 
     async def close(self, session_id: str) -> None:
         await self._call(CloseSession(session_id))

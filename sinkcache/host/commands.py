@@ -40,6 +40,12 @@ class CancelReply:
 
 
 @dataclass(frozen=True)
+class HoldDecode:
+    session_id: str
+    held: bool  # True: no decode rows until released (its reader is behind)
+
+
+@dataclass(frozen=True)
 class CloseSession:
     session_id: str
 
@@ -82,6 +88,7 @@ Command = (
     | GetSessionInfo
     | Submit
     | CancelReply
+    | HoldDecode
     | CloseSession
     | GetHeldTokens
     | RestoreSession

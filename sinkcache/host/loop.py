@@ -33,6 +33,7 @@ from sinkcache.host.commands import (
     GetHeldTokens,
     GetSessionInfo,
     GetStats,
+    HoldDecode,
     OffloadSession,
     OpenSession,
     Reply,
@@ -165,6 +166,7 @@ def engine_stats(core: EngineCore, engine_rss_bytes: int, engine_pid: int) -> En
         slots_used=arena.used_slots,
         slots_free=arena.free_slots,
         decoding=len(core.scheduler.decoding),
+        decode_held=len(core.scheduler.held),
         prefill_queue=len(core.scheduler.prefilling),
         steps=counters.steps,
         decode_tokens=counters.decode_tokens,
@@ -219,6 +221,8 @@ class LoopCommands:
                 return None
             case CancelReply(session_id):
                 return core.cancel(session_id)
+            case HoldDecode(session_id, held):
+                return core.hold_decode(session_id, held)
             case CloseSession(session_id):
                 return core.close(session_id)
             case GetHeldTokens(session_id):

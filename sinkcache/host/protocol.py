@@ -43,6 +43,7 @@ class EngineStats:
     device: str
     engine_rss_bytes: int  # the engine's own process; 0 when it shares the caller's
     engine_pid: int  # the engine's own process; 0 when it shares the caller's
+    decode_held: int = 0  # generating sessions held for a slow reader (backpressure)
 
 
 class Engine(Protocol):
@@ -73,6 +74,10 @@ class Engine(Protocol):
         ...
 
     async def cancel(self, session_id: str) -> bool: ...
+
+    async def hold_decode(self, session_id: str, held: bool) -> None:
+        """Stop (True) or restart (False) the session's generating: its reader is behind."""
+        ...
 
     async def close(self, session_id: str) -> None: ...
 

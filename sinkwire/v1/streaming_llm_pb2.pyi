@@ -156,6 +156,7 @@ class TurnEnd(_message.Message):
         CANCELLED: _ClassVar[TurnEnd.Reason]
         APPENDED: _ClassVar[TurnEnd.Reason]
         CLOSED: _ClassVar[TurnEnd.Reason]
+        REJECTED: _ClassVar[TurnEnd.Reason]
     REASON_UNSPECIFIED: TurnEnd.Reason
     EOS: TurnEnd.Reason
     STOP: TurnEnd.Reason
@@ -163,6 +164,7 @@ class TurnEnd(_message.Message):
     CANCELLED: TurnEnd.Reason
     APPENDED: TurnEnd.Reason
     CLOSED: TurnEnd.Reason
+    REJECTED: TurnEnd.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -210,7 +212,14 @@ class StatsResponse(_message.Message):
     def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., sessions_stored: _Optional[int] = ..., gateway_hostname: _Optional[str] = ..., gateway_pid: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
-    __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model", "process_rss_bytes", "decode_tokens", "prefill_tokens", "sessions_offloaded", "checkpoints_written", "checkpoint_failures", "draining", "hostname", "pid", "engine_pid")
+    __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model", "process_rss_bytes", "decode_tokens", "prefill_tokens", "sessions_offloaded", "checkpoints_written", "checkpoint_failures", "draining", "hostname", "pid", "engine_pid", "sessions_by_key", "decode_held")
+    class SessionsByKeyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +241,8 @@ class ReplicaStats(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_PID_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_BY_KEY_FIELD_NUMBER: _ClassVar[int]
+    DECODE_HELD_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     sessions: int
     slots_total: int
@@ -253,4 +264,6 @@ class ReplicaStats(_message.Message):
     hostname: str
     pid: int
     engine_pid: int
-    def __init__(self, replica_id: _Optional[str] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., process_rss_bytes: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., checkpoints_written: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., draining: _Optional[bool] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., engine_pid: _Optional[int] = ...) -> None: ...
+    sessions_by_key: _containers.ScalarMap[str, int]
+    decode_held: int
+    def __init__(self, replica_id: _Optional[str] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., step_ms_p50: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., process_rss_bytes: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., checkpoints_written: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., draining: _Optional[bool] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., engine_pid: _Optional[int] = ..., sessions_by_key: _Optional[_Mapping[str, int]] = ..., decode_held: _Optional[int] = ...) -> None: ...

@@ -57,7 +57,8 @@ class StreamingLLMServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """A snapshot of the service: replicas, slots, sessions.
+        """A snapshot of the service: replicas, slots, sessions. Needs an admin key when the service
+        has API keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
