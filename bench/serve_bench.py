@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import subprocess
@@ -79,7 +80,11 @@ def engine_alone(args: argparse.Namespace) -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         }
 
-    return asyncio.run(main())
+    result = asyncio.run(main())
+    gc.collect()  # the engine is gone with main(): give the served arms its GPU memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
 
 
 def served(args: argparse.Namespace, out: Path, arm: str) -> dict:
@@ -206,6 +211,11 @@ def _load(
                 str(c),
                 "--json",
                 str(out / f"{arm}_client{c}.json"),
+                *(
+                    ["--chaos-kill-every", str(args.chaos_kill_every)]
+                    if args.chaos_kill_every and c == 0
+                    else []
+                ),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -241,6 +251,11 @@ def _load(
         "tokens_per_s": sum(r["tokens_per_s"] for r in results),
         "sessions_opened": sum(r["sessions_opened"] for r in results),
         "sessions_lost": sum(r["sessions_lost"] for r in results),
+        "sessions_resumed": sum(r["sessions_resumed"] for r in results),
+        "opens_refused": sum(r["opens_refused"] for r in results),
+        "kills": [k for r in results for k in r["kills"]],
+        "failover_ms": [r["failover_ms"] for r in results],
+        "resume_ms": [r["resume_ms"] for r in results],
         "errors": [r["errors"] for r in results],
         "ttft_ms_p50": [r["ttft_ms"]["p50"] for r in results],
         "ttft_ms_p99": [r["ttft_ms"]["p99"] for r in results],
@@ -294,7 +309,10 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="ray arm: replicas sharing the GPU")
     parser.add_argument("--kv-dtype", default="auto", help="auto or fp8_e4m3")
     parser.add_argument("--store", default="off", help="served arms' session store")
-    parser.add_argument("--arms", default="standalone,engine", help="comma list, in order")
+    parser.add_argument("--arms", default="engine,standalone", help="comma list, in order")
+    parser.add_argument(
+        "--chaos-kill-every", type=float, help="one client SIGKILLs a replica every S seconds"
+    )
     parser.add_argument("--out", default=".")
     parser.add_argument("--json", default="serve_bench.json")
     parser.add_argument("--profile", action="store_true", help="py-spy the replica for 20 s")
