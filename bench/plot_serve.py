@@ -1,8 +1,7 @@
-"""Plot a `bench/serve_bench.py` result: tokens/s delivered to gRPC clients over time against the
-engine alone, and (given a second result run with --engine-thread) the two replica layouts.
+"""Plot a `bench/serve_bench.py` result: tokens/s delivered to gRPC clients over time by each
+served arm, and every arm's steady tokens/s against the engine alone.
 
-    python bench/plot_serve.py docs/serve_bench_h100.json \
-        --thread docs/serve_bench_h100_thread_engine.json --plot docs/serve_bench_h100.png
+    python bench/plot_serve.py docs/serve_bench_h200.json --plot docs/serve_bench_h200.png
 """
 
 from __future__ import annotations
@@ -16,38 +15,52 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+LABELS = {
+    "engine": "engine\nalone",
+    "ray": "Ray Serve",
+    "ray+store": "Ray Serve\n+ SQLite store",
+    "standalone": "standalone\nlauncher",
+}
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("result", type=Path)
-    parser.add_argument("--thread", type=Path, help="the same benchmark with --engine-thread")
     parser.add_argument("--plot", type=Path, required=True)
     args = parser.parse_args()
     result = json.loads(args.result.read_text())
-    served, alone = result["served"], result["engine_alone"]["tokens_per_s"]
-    ramp = result["config"]["ramp"]
+    arms, config = result["arms"], result["config"]
+    engine = arms.get("engine", {}).get("tokens_per_s")
+    colors = {name: f"C{i}" for i, name in enumerate(arms)}  # the same colour on both sides
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), width_ratios=(2, 1))
-    times = [p["t"] for p in served["timeline"]]
-    left.plot(times, [p["tokens_per_s"] for p in served["timeline"]], label="delivered to clients")
-    left.axhline(alone, color="gray", linestyle="--", label=f"engine alone ({alone:,.0f})")
-    left.axvline(ramp, color="gray", linestyle=":", label="end of ramp")
-    left.set_xlabel("seconds")
-    left.set_ylabel("tokens/s")
-    left.set_title(f"{result['config']['sessions']} sessions through gateway and replica")
-    left.legend(loc="lower right")
-    bars = {"engine\nalone": alone, "served,\nengine process": served["tokens_per_s"]}
-    if args.thread:
-        thread = json.loads(args.thread.read_text())["served"]["tokens_per_s"]
-        bars["served,\nengine thread"] = thread
-    right.bar(
-        list(bars), list(bars.values()), color=["gray", "tab:blue", "tab:orange"][: len(bars)]
-    )
-    for i, value in enumerate(bars.values()):
-        right.text(i, value, f"{value:,.0f}\n{value / alone:.0%}", ha="center", va="bottom")
-    right.set_ylim(0, alone * 1.25)
+    for name, arm in arms.items():
+        if "timeline" in arm:
+            points = arm["timeline"]
+            left.plot(
+                [p["t"] for p in points],
+                [p["tokens_per_s"] for p in points],
+                label=LABELS.get(name, name).replace("\n", " "),
+                color=colors[name],
+                linewidth=1,
+            )
+    if engine:
+        left.axhline(engine, color="gray", linestyle="--", label=f"engine alone ({engine:,.0f})")
+    left.axvline(config["ramp"], color="gray", linestyle=":", label="end of ramp")
+    left.set_xlabel("seconds (1 s bins, all clients summed)")
+    left.set_ylabel("tokens/s delivered to clients")
+    left.set_title(f"{config['sessions']} sessions, {config['model']}, window {config['window']}")
+    left.legend(loc="lower right", fontsize=8)
+    names = list(arms)
+    values = [arms[n]["tokens_per_s"] for n in names]
+    right.bar([LABELS.get(n, n) for n in names], values, color=[colors[n] for n in names])
+    for i, value in enumerate(values):
+        share = f"\n{value / engine:.1%}" if engine else ""
+        right.text(i, value, f"{value:,.0f}{share}", ha="center", va="bottom", fontsize=8)
+    right.set_ylim(0, max(values) * 1.3)
     right.set_ylabel("tokens/s after the ramp")
-    right.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"{result['engine_alone']['device']}, {result['date']}")
+    right.tick_params(axis="x", labelsize=7)
+    device = arms.get("engine", {}).get("device", "")
+    fig.suptitle(f"serve_bench, {device}, {result['date']}")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
 

@@ -218,7 +218,7 @@ def _load(
                 ),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=(out / f"{arm}_client{c}.log").open("w"),
         )
         for c in range(args.clients)
     ]
@@ -242,8 +242,10 @@ def _load(
             ],
             stdout=subprocess.DEVNULL,
         )
-    for client in clients:
-        client.wait()
+    for c, client in enumerate(clients):
+        if client.wait() != 0:
+            log = (out / f"{arm}_client{c}.log").read_text()[-2000:]
+            raise RuntimeError(f"{arm} load client {c} exited {client.returncode}:\n{log}")
     if profiler is not None:
         profiler.wait()
     results = [json.loads((out / f"{arm}_client{c}.json").read_text()) for c in range(args.clients)]
@@ -323,6 +325,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     result = {"date": date.today().isoformat(), "config": vars(args), "arms": {}}
 
     def save() -> None:  # after every arm, so a cut run keeps what it measured

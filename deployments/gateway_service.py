@@ -207,11 +207,13 @@ class GatewayService:
             except (StoreUnavailableError, TimeoutError):
                 log.warning("session store unavailable; routing %s by its id", session_id)
         if record is not None:
-            # Its holder first; if that refuses before answering (draining, its engine gone,
-            # no room to rebuild it), the next replica claims the session and rebuilds it.
+            # Its holder first, even one that takes no new sessions: a draining holder hands the
+            # session off (its newest state into the store) before it refuses. When the holder
+            # refuses before answering (draining, its engine gone, no room to rebuild it), the
+            # next replica claims the session and rebuilds it from that state.
             holder = self.backends.get(record.replica_id)
             rebuilders = [b for b in self._by_room() if b is not holder]
-            candidates = ([holder] if holder is not None and holder.accepting else []) + rebuilders
+            candidates = ([holder] if holder is not None else []) + rebuilders
             if not candidates:
                 raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
             return candidates

@@ -430,8 +430,11 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
     steady_end = config.ramp_s + config.duration_s  # after it, sessions close and memory drops
     warm = [s for s in server if warm_from <= s["t"] <= steady_end] or server
     measured = config.duration_s  # tokens/s over the steady part (after the ramp)
-    steady_tokens = sum(p["tokens_per_s"] for p in stats.timeline if p["t"] > config.ramp_s)
-    steady_points = sum(1 for p in stats.timeline if p["t"] > config.ramp_s)
+    # Tokens/s over the steady part only: after the ramp, before sessions close (a slow close
+    # must not read as slower serving).
+    steady = [p for p in stats.timeline if config.ramp_s < p["t"] <= steady_end]
+    steady_tokens = sum(p["tokens_per_s"] for p in steady)
+    steady_points = len(steady)
 
     def growth(key: str) -> float | None:
         """Trend after warm-up: mean of the last quarter of samples against the first quarter

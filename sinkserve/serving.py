@@ -57,7 +57,11 @@ def run_service(settings: AppSettings, address: str | None, verbose: bool) -> in
             watchdog.stopping = True
         _error("interrupted while Ray was starting")
         _force_stop_local_ray()
-        return EXIT_INTERRUPTED
+        # A core worker interrupted half-way through its start can crash the interpreter's
+        # teardown (SIGSEGV seen in CI): nothing is left to clean up, so leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except Exception as error:  # Ray could not start or could not be reached
         if watchdog is not None:
             watchdog.stopping = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -205,6 +206,9 @@ async def test_the_whole_service_killed_and_restarted(tmp_path: Path) -> None:
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the CLI, Ray and every replica it started
         first.wait()
+    # Ray's workers (the gateway among them) exit when they see their raylet gone, not at once:
+    # a restart before then is refused in one line ("port ... is in use"), as it should be.
+    _wait_port_free(port, timeout_s=60)
     second = start()
     try:
         wait_serving(address, replicas=2, timeout_s=120)
@@ -224,6 +228,19 @@ async def test_the_whole_service_killed_and_restarted(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(second.pid, signal.SIGKILL)
             second.wait()
+
+
+def _wait_port_free(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"port {port} still taken {timeout_s} s on") from None
+        time.sleep(0.5)
 
 
 async def _stats(address: str) -> pb.StatsResponse:

@@ -58,7 +58,8 @@ def test_serve_refuses_a_taken_port_in_one_line() -> None:
         port = taken.getsockname()[1]
         done = run_sinkserve("serve", "--model", "tiny", "--port", str(port))
     assert done.returncode == 2
-    _one_line_error(done, f"port {port} on 0.0.0.0 is in use")
+    # No --host and no API keys: the gateway listens on loopback, which a wildcard listener blocks.
+    _one_line_error(done, f"port {port} on 127.0.0.1 is in use")
 
 
 def test_eval_ppl_refuses_bad_settings_in_one_line() -> None:

@@ -15,7 +15,10 @@ from sinkcache.tools.eval_ppl import evaluate
 
 pytestmark = pytest.mark.slow
 
-TOKENS = 2000
+TOKENS = 500
+# The cache first evicts at token 128, so most of the text is past it. On this text window
+# attention is 1.82-1.97x the streaming perplexity from 300 to 800 tokens (2026-11-29, CPU).
+SINK, WINDOW = 4, 124
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +29,11 @@ def smollm2():
 def test_sinks_beat_window_attention_on_real_text(smollm2) -> None:
     ids = smollm2.tokenizer(shakespeare_text(min_chars=20_000)).input_ids[:TOKENS]
     assert len(ids) == TOKENS
-    streaming = evaluate(smollm2, ids, "streaming", 4, 252, 1, "shakespeare")
-    window = evaluate(smollm2, ids, "window", 4, 252, 1, "shakespeare")
-    # Identical until the cache first evicts (256 tokens in): same model, same positions.
-    assert streaming.nll[:254] == pytest.approx(window.nll[:254], abs=1e-3)
+    streaming = evaluate(smollm2, ids, "streaming", SINK, WINDOW, 1, "shakespeare")
+    window = evaluate(smollm2, ids, "window", SINK, WINDOW, 1, "shakespeare")
+    # Identical until the cache first evicts: same model, same positions.
+    same = SINK + WINDOW - 2
+    assert streaming.nll[:same] == pytest.approx(window.nll[:same], abs=1e-3)
     print(f"streaming ppl {streaming.ppl:.2f}, window ppl {window.ppl:.2f}")
     assert window.ppl >= 1.5 * streaming.ppl, (streaming.ppl, window.ppl)
     assert streaming.ppl < 40, streaming.ppl  # a sane language model on Shakespeare
