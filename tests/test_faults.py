@@ -234,6 +234,8 @@ def _wait_port_free(port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         with socket.socket() as probe:
+            # As the gRPC server binds: connections the old one accepted may sit in TIME_WAIT.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
                 return
