@@ -500,3 +500,33 @@ async def test_writer_survives_redis_down_and_catches_up(redis_server: RedisServ
 
 async def store_has(store: SessionStore, session_ids: list[str]) -> bool:
     return all([await store.get(session_id) is not None for session_id in session_ids])
+
+
+async def test_a_resume_asks_the_holder_first_even_while_it_drains(tmp_path: Path) -> None:
+    """A draining holder takes no new sessions, but it must still be asked first for one it
+    holds: it hands the session off (its newest state into the store) before it refuses, so the
+    replica that rebuilds it does not start from an older checkpoint (seen in CI as reply tokens
+    lost across a redeploy)."""
+    from deployments.gateway_service import GatewayService
+
+    store = SqliteSessionStore(tmp_path / "sessions.db", TTL_S)
+    gateway = GatewayService(store=store)
+    try:
+        await gateway.update(
+            [
+                {
+                    "replica_id": "old",
+                    "address": "127.0.0.1:1",
+                    "slots_free": 0,
+                    "accepting": False,
+                },
+                {"replica_id": "new", "address": "127.0.0.1:2", "slots_free": 9},
+            ]
+        )
+        session_id = "old." + "a" * 32
+        await store.put_many([record(session_id, replica_id="old")])
+        candidates = await gateway._resume_candidates(session_id)
+        assert [b.replica_id for b in candidates] == ["old", "new"]
+    finally:
+        await gateway.close()
+        await store.close()
