@@ -191,16 +191,33 @@ def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     # timeout: sqlite's busy timeout, how long a write waits for another process's write lock.
     # isolation_level=None: no implicit transactions; writes open BEGIN IMMEDIATE themselves.
     connection = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
+    deadline = time.monotonic() + busy_timeout_s
     try:
-        (journal_mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
-        if journal_mode != "wal":  # e.g. a network filesystem: still correct, readers then wait
-            logger.warning("session store %s: journal_mode is %s, not wal", path, journal_mode)
-        connection.execute("PRAGMA synchronous = NORMAL")
-        connection.executescript(_SCHEMA)
+        while True:
+            try:
+                _set_up(connection, path)
+                return connection
+            except sqlite3.OperationalError as error:
+                # Processes opening a new file together: turning it to WAL needs a lock that
+                # SQLite does not wait for through the busy timeout, so wait here.
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
     except BaseException:
         connection.close()
         raise
-    return connection
+
+
+def _set_up(connection: sqlite3.Connection, path: Path) -> None:
+    (journal_mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+    if journal_mode != "wal":  # e.g. a network filesystem: still correct, readers then wait
+        logger.warning("session store %s: journal_mode is %s, not wal", path, journal_mode)
+    connection.execute("PRAGMA synchronous = NORMAL")
+    # The write lock up front (as _write_transaction): a deferred CREATE reads the schema, then
+    # fails at once when it must upgrade to a write another process holds.
+    connection.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
 
 
 @contextmanager
