@@ -185,7 +185,7 @@ class AsyncSession:
         self._call: Any = None
         self.opened: pb.Opened | None = None
         self.resume_policy: ResumePolicy | None = DEFAULT_RESUME
-        self._seen = 0  # the furthest stream position this client has seen
+        self._seen = 0  # the furthest stream position seen on this stream
         self.resumes = 0  # how many times the session resumed itself
         self._dropped = False  # disconnect() was called: a broken stream is not resumed
 
@@ -245,7 +245,7 @@ class AsyncSession:
             raise SessionError(code, details or "stream ended before the session opened")
         self._call = call
         self.opened = message.opened
-        self._seen = max(self._seen, message.opened.stream_position)
+        self._seen = message.opened.stream_position  # where the stream stands now
 
     # -- properties --------------------------------------------------------------------------------
     @property
@@ -349,6 +349,7 @@ class AsyncSession:
         if policy is None or error.code not in policy.codes or self._dropped:
             return error
         failed_at = time.monotonic()
+        seen = self._seen  # tokens past where the resumed stream stands are lost, counted once
         last = error
         for delay in policy.delays():
             await asyncio.sleep(delay)
@@ -360,7 +361,7 @@ class AsyncSession:
                     return again  # NOT_FOUND, PERMISSION_DENIED...: the session is gone
                 continue
             self.resumes += 1
-            return StreamResumed(error, self.opened, self._seen, failed_at)
+            return StreamResumed(error, self.opened, seen, failed_at)
         return last
 
     async def __aenter__(self) -> AsyncSession:
@@ -407,7 +408,7 @@ class Session:
             raise SessionError(grpc.StatusCode.UNKNOWN, "stream did not start with Opened")
         self._requests, self._responses = requests, responses
         self.opened = message.opened
-        self._seen = max(self._seen, message.opened.stream_position)
+        self._seen = message.opened.stream_position  # where the stream stands now
 
     @classmethod
     def open(
@@ -457,6 +458,7 @@ class Session:
         if policy is None or error.code not in policy.codes or self._dropped:
             return error
         failed_at = time.monotonic()
+        seen = self._seen
         last = error
         for delay in policy.delays():
             time.sleep(delay)
@@ -468,7 +470,7 @@ class Session:
                     return again
                 continue
             self.resumes += 1
-            return StreamResumed(error, self.opened, self._seen, failed_at)
+            return StreamResumed(error, self.opened, seen, failed_at)
         return last
 
     def append(self, **kwargs: Any) -> Iterator[pb.ServerMessage]:
