@@ -118,7 +118,7 @@ def _start_ray(args: argparse.Namespace, store: str) -> list[subprocess.Popen]:
         "--flush-interval-s", str(args.flush_interval), "--gateways", str(args.gateways),
         "--max-gateways-per-node", str(args.gateways), "--host", "127.0.0.1", "--port", "50051",
         "--session-store", store, "--replicas", str(args.replicas),
-        *(["--gpus-per-replica", str(1 / args.replicas)] if args.replicas > 1 else []),
+        *(["--gpus-per-replica", str(_gpus_per_replica(args))] if args.replicas > 1 else []),
         *(["--kv-dtype", args.kv_dtype] if args.kv_dtype != "auto" else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -126,6 +126,15 @@ def _start_ray(args: argparse.Namespace, store: str) -> list[subprocess.Popen]:
         if line.startswith("ready"):
             return [process]
     raise RuntimeError(f"sinkserve serve exited ({process.wait()})")
+
+
+def _gpus_per_replica(args: argparse.Namespace) -> float:
+    """As given; else one GPU each where there are enough, else the replicas share the one."""
+    if args.gpus_per_replica is not None:
+        return args.gpus_per_replica
+    import torch
+
+    return 1.0 if torch.cuda.device_count() >= args.replicas else 1 / args.replicas
 
 
 def _start_standalone(args: argparse.Namespace, store: str) -> list[subprocess.Popen]:
@@ -308,7 +317,12 @@ def main() -> None:
     parser.add_argument("--flush-interval", type=float, default=0.1)
     parser.add_argument("--gateways", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--replicas", type=int, default=1, help="ray arm: replicas sharing the GPU")
+    parser.add_argument("--replicas", type=int, default=1, help="ray arm: session replicas")
+    parser.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        help="ray arm: default 1 with a GPU per replica, else 1/replicas (they share one GPU)",
+    )
     parser.add_argument("--kv-dtype", default="auto", help="auto or fp8_e4m3")
     parser.add_argument("--store", default="off", help="served arms' session store")
     parser.add_argument("--arms", default="engine,standalone", help="comma list, in order")
