@@ -191,6 +191,7 @@ def _load(
 ) -> dict:
     time.sleep(2)
     per = args.sessions // args.clients
+    logs = [(out / f"{arm}_client{c}.log").open("w") for c in range(args.clients)]
     clients = [
         subprocess.Popen(
             [
@@ -227,7 +228,7 @@ def _load(
                 ),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=(out / f"{arm}_client{c}.log").open("w"),
+            stderr=logs[c],
         )
         for c in range(args.clients)
     ]
@@ -252,7 +253,9 @@ def _load(
             stdout=subprocess.DEVNULL,
         )
     for c, client in enumerate(clients):
-        if client.wait() != 0:
+        client.wait()
+        logs[c].close()
+        if client.returncode != 0:
             log = (out / f"{arm}_client{c}.log").read_text()[-2000:]
             raise RuntimeError(f"{arm} load client {c} exited {client.returncode}:\n{log}")
     if profiler is not None:

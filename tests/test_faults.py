@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from deployments.checks import SettingsError, check_port_free
 from deployments.store import open_store
 from sinkserve.client import AsyncSession, GenerationParams, StreamResumed
 from sinkserve.health import wait_serving
@@ -231,17 +231,15 @@ async def test_the_whole_service_killed_and_restarted(tmp_path: Path) -> None:
 
 
 def _wait_port_free(port: int, timeout_s: float) -> None:
+    """Until `sinkserve serve` would start here: the same check it runs before starting."""
     deadline = time.monotonic() + timeout_s
     while True:
-        with socket.socket() as probe:
-            # As the gRPC server binds: connections the old one accepted may sit in TIME_WAIT.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", port))
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"port {port} still taken {timeout_s} s on") from None
+        try:
+            check_port_free("127.0.0.1", port, "port")
+            return
+        except SettingsError:
+            if time.monotonic() > deadline:
+                raise
         time.sleep(0.5)
 
 

@@ -198,8 +198,10 @@ def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
                 _set_up(connection, path)
                 return connection
             except sqlite3.OperationalError as error:
-                # Processes opening a new file together: turning it to WAL needs a lock that
-                # SQLite does not wait for through the busy timeout, so wait here.
+                # A backstop, not a proven cause: CI once saw "database is locked" when two
+                # processes opened one new file together, and some SQLITE_BUSY cases skip the
+                # busy handler (e.g. while another connection recovers the WAL). Locks that
+                # merely wait (tested by holding one) go through the busy timeout anyway.
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 if "locked" not in str(error) or time.monotonic() > deadline:
@@ -215,8 +217,8 @@ def _set_up(connection: sqlite3.Connection, path: Path) -> None:
     if journal_mode != "wal":  # e.g. a network filesystem: still correct, readers then wait
         logger.warning("session store %s: journal_mode is %s, not wal", path, journal_mode)
     connection.execute("PRAGMA synchronous = NORMAL")
-    # The write lock up front (as _write_transaction): a deferred CREATE reads the schema, then
-    # fails at once when it must upgrade to a write another process holds.
+    # Table and index in one transaction that takes the write lock up front (as
+    # _write_transaction does), so a second process never sees one without the other.
     connection.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
 
 
