@@ -104,6 +104,8 @@ class SessionReplica:
                     if self.sessions.writer
                     else 0,
                 )
+            except EngineStoppedError:
+                return  # the health check reports the engine's end; Serve replaces the replica
             except Exception:
                 log.warning("recording metrics failed", exc_info=True)
             await asyncio.sleep(1.0)

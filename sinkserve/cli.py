@@ -363,6 +363,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         credentials=_credentials(args),
         chaos_kill_every_s=args.chaos_kill_every,
         chaos_target=args.chaos_target,
+        chaos_kills=args.chaos_kills,
     )
     console = Console(stderr=True)
 
@@ -544,6 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="replica",
         help="what --chaos-kill-every kills: a replica's process, its engine process, each in "
         "turn, or a gateway",
+    )  # fmt: skip
+    lt.add_argument(
+        "--chaos-kills", type=int, metavar="N",
+        help="stop killing after N processes (the rest of the run shows the recovery)",
     )  # fmt: skip
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")

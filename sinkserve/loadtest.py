@@ -104,6 +104,9 @@ class LoadConfig:
     # answers, "gateway"); None: no chaos.
     chaos_kill_every_s: float | None = None
     chaos_target: str = "replica"
+    # At most this many kills (None: until the run ends), so a drill can end with a quiet stretch
+    # in which the killed processes come back and every session shows it fails over.
+    chaos_kills: int | None = None
 
 
 @dataclass
@@ -294,7 +297,7 @@ async def _chaos(
                 return
             except TimeoutError:
                 pass
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or len(stats.kills) == config.chaos_kills:
                 return
             try:
                 reply = await stub.Stats(pb.StatsRequest(), timeout=5.0)

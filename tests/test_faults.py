@@ -36,22 +36,26 @@ SERVICE = dict(model="tiny", replicas=2, slots=320, sink=4, window=60, idle_offl
 
 
 def _chaos_run(address: str, target: str) -> LoadConfig:
-    # 300 generating sessions; a process killed 20 s in and another 35 s in.
+    # 300 generating sessions; a process killed 20 s in and another 35 s in, then 20 s with no
+    # kill: the replaced replicas come back (about 20 s each on a loaded 2-core box) and every
+    # session has time to show a turn after its failover. Without that quiet stretch, a slow box
+    # ends the run before any failed-over session finishes a turn.
     return LoadConfig(
         target=address,
         sessions=300,
-        duration_s=35,
+        duration_s=50,
         ramp_s=5,
-        think_s=(0.5, 1.5),
-        max_new_tokens=16,
+        think_s=(1.0, 3.0),  # below what the box can serve: the drill times failover, not a queue
+        max_new_tokens=8,
         stall_timeout_s=60,
         chaos_kill_every_s=15,
         chaos_target=target,
+        chaos_kills=2,
     )
 
 
 def _assert_nothing_lost(data: dict) -> None:
-    keys = ("kills", "sessions_resumed", "resume_ms", "failover_ms", "errors")
+    keys = ("kills", "sessions_resumed", "resume_ms", "failover_ms", "errors", "ttft_ms", "itl_ms")
     print("drill:", {k: data[k] for k in keys})
     assert data["kills"], "nothing was killed"
     assert data["sessions_opened"] == 300
