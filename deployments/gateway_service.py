@@ -42,10 +42,14 @@ STATS_METHOD = f"/{SERVICE}/Stats"
 # A replica unheard of this long is taken out of routing (its channels closed, its streams ended).
 # Shorter gaps (a long engine step, a slow poll) must not cost sessions their streams.
 REPLICA_STALE_AFTER_S = 5.0
-STORE_TIMEOUT_S = 2.0
+STORE_TIMEOUT_S = 2.0  # a session-store lookup that takes longer routes by the session id alone
 # A replica that left routing this recently may come back (a frozen process, a network split): a
 # Resume for one of its sessions is UNAVAILABLE (try again), not NOT_FOUND.
-REMEMBER_GONE_S = 600.0  # a session-store lookup that takes longer routes by the session id alone
+REMEMBER_GONE_S = 600.0
+# With no replica taking sessions, a stream waits this long for one before it is refused: a
+# gateway reads the directory every 0.5 s, so one that has just started (its sibling behind the
+# same port already serving) or a replica being replaced is a moment, not an error.
+WAIT_FOR_REPLICA_S = 5.0
 CHANNELS_PER_REPLICA = 4  # HTTP/2 connections to each replica (spreads streams over them)
 # Each stream's flow-control window towards a replica, fixed (no BDP growth): when a client stops
 # taking a stream's replies, the replica is held back after this much, and its backpressure
@@ -191,7 +195,7 @@ class GatewayService:
         """Backends to try for this stream, best first."""
         if first.WhichOneof("kind") == "resume":
             return await self._resume_candidates(first.resume.session_id)
-        backends = self._by_room()
+        backends = await self._room()
         if not backends:
             raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
         return backends
@@ -212,7 +216,7 @@ class GatewayService:
             # refuses before answering (draining, its engine gone, no room to rebuild it), the
             # next replica claims the session and rebuilds it from that state.
             holder = self.backends.get(record.replica_id)
-            rebuilders = [b for b in self._by_room() if b is not holder]
+            rebuilders = [b for b in await self._room(holder) if b is not holder]
             candidates = ([holder] if holder is not None else []) + rebuilders
             if not candidates:
                 raise StreamError(grpc.StatusCode.UNAVAILABLE, "no session replica is ready yet")
@@ -224,6 +228,16 @@ class GatewayService:
                 )
             raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id} not found")
         return [opener]
+
+    async def _room(self, holder: Backend | None = None) -> list[Backend]:
+        """`_by_room()`, waiting up to WAIT_FOR_REPLICA_S while it is empty (and there is no
+        `holder` to ask first)."""
+        deadline = time.monotonic() + WAIT_FOR_REPLICA_S
+        while not (backends := self._by_room()) and holder is None:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        return backends
 
     def _by_room(self) -> list[Backend]:
         """Replicas taking sessions: the most free slots first, then the fewest sessions held

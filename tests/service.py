@@ -30,7 +30,7 @@ def running_service(**overrides) -> Iterator[str]:
     settings = AppSettings.from_args(
         {"host": "127.0.0.1", "port": free_port(), "torch_threads": 1, **overrides}
     )
-    ray.init(num_cpus=8, include_dashboard=False, namespace="sinkserve-tests", log_to_driver=False)
+    _start_ray()
     try:
         serve.start(proxy_location="Disabled")
         serve.run(build_app(settings), name=settings.application, route_prefix=None)
@@ -40,6 +40,33 @@ def running_service(**overrides) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _start_ray() -> None:
+    """A local Ray cluster, on a box the previous test's cluster may still be leaving (seen in CI:
+    "The current node timed out during startup" right after a fault drill): wait for its
+    processes to exit first, and try once more if the new node still times out."""
+    import psutil
+    import ray
+
+    psutil.wait_procs(
+        [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")],
+        timeout=30,
+    )
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                num_cpus=8,
+                include_dashboard=False,
+                namespace="sinkserve-tests",
+                log_to_driver=False,
+            )
+            return
+        except Exception as error:
+            if attempt == 2 or "timed out during startup" not in str(error):
+                raise
+            print(f"ray.init failed ({error}); once more", file=sys.stderr)
+            ray.shutdown()
 
 
 def run_sinkserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +143,45 @@ async def test_a_bad_config_fails_the_launch_with_the_reason() -> None:
     bad = EngineConfig(model="no-such-model", slots=2)
     with pytest.raises(EngineStoppedError, match=r"could not start.*no-such-model"):
         await ProcessEngine.launch(bad)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_an_engine_process_dies_with_its_parent_even_while_it_starts() -> None:
+    """A replica SIGKILLed while its engine child is still being built: the child is killed
+    with it at once. Before, the child built the engine to the end (the CPU, or on a GPU the
+    memory its replacement needs) and only then died on the closed socket, with a traceback."""
+    import psutil
+
+    launch = (
+        "import asyncio\n"
+        "from sinkcache.config import EngineConfig\n"
+        "from sinkcache.host.process import ProcessEngine\n"
+        "asyncio.run(ProcessEngine.launch(EngineConfig(model='tiny', sink=4, window=60, slots=6)))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launch], stderr=subprocess.PIPE, text=True, cwd=root
+    )
+    deadline = time.monotonic() + 60
+    while not (children := psutil.Process(parent.pid).children()):
+        assert time.monotonic() < deadline and parent.poll() is None, "no engine process"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into its start (imports, model build)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(child) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(child) for child in children), "the engine outlived its parent"
+    errors = parent.stderr.read()  # ends once the child, which shares the pipe, is gone
+    assert "Traceback" not in errors, errors
+
+
+def _running(process) -> bool:
+    """Alive and not a zombie (an orphan's exit waits for init to collect it)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

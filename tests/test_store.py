@@ -530,3 +530,38 @@ async def test_a_resume_asks_the_holder_first_even_while_it_drains(tmp_path: Pat
     finally:
         await gateway.close()
         await store.close()
+
+
+async def test_a_stream_waits_a_moment_for_a_replica_instead_of_failing() -> None:
+    """A gateway that knows no replica yet (it has just started, while its sibling behind the
+    same port already reports the service ready) holds a new stream until the directory names
+    one, up to WAIT_FOR_REPLICA_S, instead of refusing it at once (seen in CI as opens failing
+    right after the service said it was ready). Past that wait the stream is UNAVAILABLE."""
+    import grpc
+
+    from deployments.gateway_service import WAIT_FOR_REPLICA_S
+    from sinkwire.v1 import streaming_llm_pb2 as pb
+    from tests.local_service import LocalService, exchange
+
+    open_then_close = [pb.ClientMessage(open=pb.Open()), pb.ClientMessage(close=pb.Close())]
+    with LocalService(slots=2, engine_process=False) as service:
+
+        async def forget_the_replica() -> None:
+            service._tasks[0].cancel()  # the directory poll
+            await service.gateway.update([])
+
+        await service.acall(forget_the_replica())
+        opening = asyncio.create_task(exchange(service.address, open_then_close))
+        await asyncio.sleep(1.0)
+        assert not opening.done()
+        await service.acall(service._update())  # the directory names the replica
+        ended = await opening
+        assert ended.code == grpc.StatusCode.OK, ended.details
+        assert ended.kinds()[0] == "opened"
+
+        await service.acall(service.gateway.update([]))
+        started = time.monotonic()
+        ended = await exchange(service.address, open_then_close)
+        assert ended.code == grpc.StatusCode.UNAVAILABLE
+        assert ended.details == "no session replica is ready yet"
+        assert time.monotonic() - started >= WAIT_FOR_REPLICA_S - 0.5

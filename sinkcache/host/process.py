@@ -9,7 +9,8 @@ of reply events as one message for all requests together.
 
 The child is started as `python -m sinkcache.host.process --fd N` (not multiprocessing's spawn,
 which re-imports the parent's __main__: under Ray that is the worker script) and stops when its
-parent does (its socket closes). This module's parent side imports no torch.
+parent does (killed with it on Linux, else when its socket closes). This module's parent side
+imports no torch.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class ProcessEngine(EngineClient):
         env = dict(os.environ)
         # The child imports what this process can import (Ray adds its working dir at run time).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        command = [sys.executable, "-m", "sinkcache.host.process", "--fd", str(theirs.fileno())]
         process = subprocess.Popen(
-            [sys.executable, "-m", "sinkcache.host.process", "--fd", str(theirs.fileno())],
+            [*command, "--parent", str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             env=env,
         )
@@ -181,12 +183,31 @@ class _Child:
         self.conn.send(("events", self._take_events(outboxes), snapshots))
 
 
+def _die_with(parent: int) -> None:
+    """Be killed when `parent` dies, at once and even while the engine is still being built
+    (the socket's end is noticed only once it serves). Otherwise a replica killed during its
+    start leaves a child loading the model, holding the CPU and GPU memory its replacement needs.
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere the socket's end still stops the child."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="sinkcache engine process (started by ProcessEngine)"
     )
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, help="the process to die with")
     args = parser.parse_args()
+    if args.parent:
+        _die_with(args.parent)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s"
     )
