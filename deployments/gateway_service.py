@@ -230,13 +230,13 @@ class GatewayService:
         return [opener]
 
     async def _room(self, holder: Backend | None = None) -> list[Backend]:
-        """`_by_room()`, waiting up to WAIT_FOR_REPLICA_S while it is empty (and there is no
-        `holder` to ask first)."""
+        """`_by_room()`, waiting up to WAIT_FOR_REPLICA_S while it is empty, unless there is a
+        `holder` to ask first."""
         deadline = time.monotonic() + WAIT_FOR_REPLICA_S
-        while not (backends := self._by_room()) and holder is None:
-            if time.monotonic() >= deadline:
-                break
+        backends = self._by_room()
+        while not backends and holder is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+            backends = self._by_room()
         return backends
 
     def _by_room(self) -> list[Backend]:

@@ -51,9 +51,9 @@ class ProcessEngine(EngineClient):
         env = dict(os.environ)
         # The child imports what this process can import (Ray adds its working dir at run time).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        command = [sys.executable, "-m", "sinkcache.host.process", "--fd", str(theirs.fileno())]
+        child = ["--fd", str(theirs.fileno()), "--parent", str(os.getpid())]
         process = subprocess.Popen(
-            [*command, "--parent", str(os.getpid())],
+            [sys.executable, "-m", "sinkcache.host.process", *child],
             pass_fds=(theirs.fileno(),),
             env=env,
         )
