@@ -20,7 +20,9 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -39,6 +41,7 @@ from sinkwire.session_ids import new_session_id
 from sinkwire.status import StreamError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How long a rebuild waits for a slot when every slot holds a session with a request in flight
 # (replies end, and a slot with them); a new session is refused at once instead.
@@ -53,7 +56,9 @@ class SessionEntry:
     owner: str
     epoch: int  # the store's fencing epoch this replica holds it at
     stream: asyncio.Queue | None = None  # the attached stream's outbox
-    detached_since: float | None = None  # monotonic; None while a stream is attached
+    # monotonic; None while a stream is attached. A new entry counts as detached until its
+    # stream attaches, so one whose stream went away first still expires.
+    detached_since: float | None = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     inflight: int = 0  # appends sent to the engine whose turn has not ended
     snapshot: SessionSnapshot | None = None  # set while offloaded (not resident)
@@ -156,7 +161,9 @@ class ReplicaSessions:
             if entry.resident:
                 try:  # a reply in flight ends first (its stream is gone, so it was cancelled)
                     await self.engine.session_info(entry.session_id, settled=True)
-                    entry.snapshot = await self.engine.offload_session(entry.session_id)
+                    entry.snapshot = await _to_the_end(
+                        self.engine.offload_session(entry.session_id)
+                    )
                 except (SessionNotFoundError, InvalidRequestError, EngineStoppedError):
                     return
             self.writer.submit(self._record(entry, entry.snapshot))
@@ -209,7 +216,9 @@ class ReplicaSessions:
         deadline = time.monotonic() + REBUILD_WAIT_S
         while True:
             try:
-                info = await self._with_room(lambda: self.engine.restore_session(snapshot))
+                info = await self._with_room(
+                    lambda: _to_the_end(self.engine.restore_session(snapshot))
+                )
                 break
             except ArenaFullError:
                 if time.monotonic() > deadline:
@@ -249,7 +258,7 @@ class ReplicaSessions:
             if not entry.resident or entry.inflight:
                 return False
             try:
-                entry.snapshot = await self.engine.offload_session(entry.session_id)
+                entry.snapshot = await _to_the_end(self.engine.offload_session(entry.session_id))
             except (SessionNotFoundError, InvalidRequestError):  # gone, or busy after all
                 return False
         if self.writer is not None:
@@ -313,7 +322,7 @@ class ReplicaSessions:
             if entry.resident:
                 info = await self.engine.session_info(session_id)
                 stream_pos = info.stream_pos
-                await self.engine.close(session_id)
+                await _to_the_end(self.engine.close(session_id))
             else:
                 stream_pos = entry.snapshot.stream_pos
         self.entries.pop(session_id, None)
@@ -491,3 +500,26 @@ async def _open_unless_left(engine: Engine, session_id: str) -> SessionInfo:
 
         opening.add_done_callback(close_orphan)
         raise
+
+
+async def _to_the_end(call: Awaitable[T]) -> T:
+    """Await an engine call that changes which sessions the engine holds (restore, offload,
+    close) to its end, even when our caller is cancelled meanwhile (its stream went away), so
+    that its result is recorded here: otherwise this replica and its engine disagree, and the
+    session's next restore is refused as already there (seen in CI as ALREADY_EXISTS, a session
+    lost, after a resume was cancelled mid-rebuild). The caller is cancelled at its next await.
+    """
+    task = asyncio.ensure_future(call)
+    cancelled = False
+    try:
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    raise
+                cancelled = True
+                asyncio.current_task().uncancel()
+    finally:
+        if cancelled:
+            asyncio.current_task().cancel()
