@@ -87,8 +87,9 @@ def engine_alone(args: argparse.Namespace) -> dict:
     return result
 
 
-def served(args: argparse.Namespace, out: Path, arm: str) -> dict:
-    """One served arm: start its processes, run the load, collect the clients' results."""
+def served(args: argparse.Namespace, out: Path, arm: str, label: str) -> dict:
+    """One served arm: start its processes, run the load, collect the clients' results (its
+    files in `out` named by `label`: an arm may run more than once)."""
     kind, _, store_flag = arm.partition("+")
     if arm.endswith("-nostore"):
         kind, store = arm.removesuffix("-nostore"), "off"
@@ -97,7 +98,7 @@ def served(args: argparse.Namespace, out: Path, arm: str) -> dict:
     port = 50070 if kind == "standalone" else 50051
     procs = _start_standalone(args, store) if kind == "standalone" else _start_ray(args, store)
     try:
-        result = _load(args, out, arm, port, procs[0].pid if kind == "standalone" else None)
+        result = _load(args, out, label, port, procs[0].pid if kind == "standalone" else None)
         result["replica"] = asyncio.run(_replica_stats(f"localhost:{port}"))
     finally:
         for proc in reversed(procs):
@@ -248,7 +249,7 @@ def _load(
                 "--format",
                 "raw",
                 "--output",
-                str(out / "replica_profile.txt"),
+                str(out / f"{arm}_replica_profile.txt"),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -328,7 +329,11 @@ def main() -> None:
     )
     parser.add_argument("--kv-dtype", default="auto", help="auto or fp8_e4m3")
     parser.add_argument("--store", default="off", help="served arms' session store")
-    parser.add_argument("--arms", default="engine,standalone", help="comma list, in order")
+    parser.add_argument(
+        "--arms",
+        default="engine,standalone",
+        help="comma list, in order; an arm may repeat (saved as arm#2, ...)",
+    )
     parser.add_argument(
         "--chaos-kill-every", type=float, help="one client SIGKILLs a replica every S seconds"
     )
@@ -349,9 +354,15 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
     for arm in args.arms.split(","):
+        # An arm named again (to alternate arms against drift) is saved as "arm#2", "arm#3", ...
+        label, n = arm, 1
+        while label in result["arms"]:
+            n += 1
+            label = f"{arm}#{n}"
         # Served arms run in their own processes and free the GPU when they stop.
-        result["arms"][arm] = engine_alone(args) if arm == "engine" else served(args, out, arm)
-        print(f"{arm}: {result['arms'][arm]['tokens_per_s']:.0f} tokens/s", flush=True)
+        data = engine_alone(args) if arm == "engine" else served(args, out, arm, label)
+        result["arms"][label] = data
+        print(f"{label}: {data['tokens_per_s']:.0f} tokens/s", flush=True)
         save()
     engine = result["arms"].get("engine")
     if engine:
