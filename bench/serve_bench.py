@@ -98,7 +98,10 @@ def served(args: argparse.Namespace, out: Path, arm: str, label: str) -> dict:
     port = 50070 if kind == "standalone" else 50051
     procs = _start_standalone(args, store) if kind == "standalone" else _start_ray(args, store)
     try:
-        result = _load(args, out, label, port, procs[0].pid if kind == "standalone" else None)
+        profiled = None  # the replica process py-spy samples (its engine child with it)
+        if args.profile:
+            profiled = procs[0].pid if kind == "standalone" else _ray_replica_pid(port)
+        result = _load(args, out, label, port, profiled)
         result["replica"] = asyncio.run(_replica_stats(f"localhost:{port}"))
     finally:
         for proc in reversed(procs):
@@ -295,6 +298,11 @@ def merged_timeline(results: list[dict]) -> list[dict]:
     return [merged[t] for t in sorted(merged)]
 
 
+def _ray_replica_pid(port: int) -> int:
+    """The pid of the (first) SessionReplica actor, as its Stats report it."""
+    return int(asyncio.run(_replica_stats(f"localhost:{port}"))[0]["pid"])
+
+
 async def _replica_stats(address: str) -> list[dict]:
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -339,7 +347,11 @@ def main() -> None:
     )
     parser.add_argument("--out", default=".")
     parser.add_argument("--json", default="serve_bench.json")
-    parser.add_argument("--profile", action="store_true", help="py-spy the replica for 20 s")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the replica process (and its engine child) for 20 s in the steady phase; ray arms: the first replica",
+    )
     parser.add_argument(
         "--engine-thread",
         action="store_true",
