@@ -350,7 +350,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the replica process (and its engine child) for 20 s in the steady phase; ray arms: the first replica",
+        help="py-spy the replica process (and its engine child) for 20 s in the steady phase "
+        "(ray arms: the first replica)",
     )
     parser.add_argument(
         "--engine-thread",

@@ -508,7 +508,7 @@ async def _to_the_end(call: Awaitable[T]) -> T:
     that its result is recorded here: otherwise this replica and its engine disagree, and the
     session's next restore is refused as already there (seen in CI as ALREADY_EXISTS, a session
     lost, after a resume was cancelled mid-rebuild). The caller is cancelled at its next await.
-    """
+    An open is the other case: nobody learned the new id, so `_open_unless_left` closes it."""
     task = asyncio.ensure_future(call)
     cancelled = False
     try:

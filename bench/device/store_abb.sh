@@ -13,7 +13,6 @@ export SINKSERVE_CACHE=/tmp/keep/cache PYTHONUNBUFFERED=1
 L=$OUT/a_log.txt
 date -u | tee "$L"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee -a "$L"
-git log --oneline -1 | tee -a "$L"
 timeout "${A_LIMIT:-540}" python3 bench/serve_bench.py --model "${MODEL:-random:smollm2-135m}" \
   --window "${WINDOW:-1020}" --sessions "${SESSIONS:-2000}" --duration "${DURATION:-30}" \
   --ramp "${RAMP:-8}" --arms "${ARMS:-ray,ray+store,ray+store,ray}" --out /tmp/sba \
