@@ -110,13 +110,36 @@ def test_add_rms_norm_matches_reference(tokens, hidden, dtype, with_residual):
     else:
         assert new_residual is x and torch.isnan(residual_out).all()
     if dtype == torch.bfloat16:
-        # The reference rounds twice (normalised -> bf16, then * weight -> bf16); so does the
-        # kernel, so only float32 summation order can flip a rounding: allow rare 1-ulp flips.
-        diff = (normed.double() - ref_normed.double()).abs()
-        ulp = ref_normed.double().abs() * 2.0**-7
-        assert (diff <= ulp + 1e-30).all(), f"bf16 norm off by more than 1 ulp {_where(case)}"
-        same = (normed == ref_normed).double().mean().item()
-        assert same >= 0.99, f"only {same:.2%} bit-equal to the reference {_where(case)}"
+        # The reference rounds twice (normalised float32 -> bf16, then * weight -> bf16); so does
+        # the kernel, whose float32 sum may differ in its last bits. So each output must be the
+        # weight times one of the two bf16 neighbours of the float32 normalised value, rounded
+        # once; a flip near a tie can move the output by two ulps, which this allows exactly.
+        low, high = _bf16_neighbours(_normalised(new_residual, eps))
+        allowed = (normed == weight * low) | (normed == weight * high)
+        assert allowed.all(), f"bf16 norm not from a bf16 neighbour {_where(case)}"
+        # Such flips are rare (26 in 1.5 M elements measured): a kernel rounding its own way
+        # would flip far more than 1% (or two, on a short row).
+        flipped = (normed != ref_normed).sum().item()
+        assert flipped <= max(2, normed.numel() // 100), (
+            f"{flipped} of {normed.numel()} differ from the reference {_where(case)}"
+        )
+
+
+def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _bf16_neighbours(x32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values next to each float32 value: toward zero and away from it (equal when x32
+    is a bf16 value). bf16 is the top half of a float32's bits."""
+    bits = x32.view(torch.int32)
+    toward_zero = bits & ~0xFFFF
+    away = torch.where(bits == toward_zero, toward_zero, toward_zero + 0x10000)
+    return (
+        toward_zero.view(torch.float32).to(torch.bfloat16),
+        away.view(torch.float32).to(torch.bfloat16),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
