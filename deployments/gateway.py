@@ -18,6 +18,9 @@ from deployments.settings import AppSettings
 from deployments.store import open_store
 
 log = logging.getLogger("ray.serve")
+# How often a gateway reads the replica directory: a replica that has just started (or gone)
+# reaches every gateway's routing within this.
+DIRECTORY_POLL_S = 0.5
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -61,7 +64,7 @@ class Gateway:
                 quotas.charge_others(others)
             except Exception:
                 log.warning("cannot read the replica directory", exc_info=True)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(DIRECTORY_POLL_S)
 
     def backends(self) -> int:
         """Replicas this gateway routes to (readiness, without a client's credentials)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ def running_service(**overrides) -> Iterator[str]:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.gateway import DIRECTORY_POLL_S
     from sinkserve.health import wait_serving
 
     settings = AppSettings.from_args(
@@ -36,9 +38,14 @@ def running_service(**overrides) -> Iterator[str]:
         serve.run(build_app(settings), name=settings.application, route_prefix=None)
         address = f"127.0.0.1:{settings.port}"
         wait_serving(address, replicas=settings.replicas, timeout_s=120)
+        # That asked one gateway; the others see every replica at their next directory read.
+        # Without this wait, a test's first streams (sharing one connection, so one gateway) can
+        # all land on a gateway that knows one replica yet.
+        time.sleep(2 * DIRECTORY_POLL_S)
         yield address
     finally:
-        serve.shutdown()
+        # The cluster goes with everything on it (Serve's graceful drain would add about 10 s to
+        # every test that starts a service; the drain has its own tests).
         ray.shutdown()
 
 

@@ -25,6 +25,8 @@ from sinkcache.config import PRESETS, ModelShape, UnsupportedModelError, shape_f
 from sinkcache.core.model import Transformer
 from sinkcache.models.spec import preset_of, spec_forms
 
+BUILD_ON_META_ABOVE_BYTES = 1 << 30  # float32 weights; SmolLM2-135M's are 0.5 GiB
+
 
 @dataclass
 class LoadedModel:
@@ -39,12 +41,16 @@ def random_model(
 ) -> Transformer:
     """Seeded random weights (std 0.02, like HF init) in the given shape, made on `device`.
 
-    Built on the meta device first so an 8B model never exists in float32 anywhere.
+    A big model is built on the meta device first, so that an 8B model never exists in float32
+    anywhere. A small one is built where it will run: the meta device's first use costs seconds of
+    lazy imports, which every start of a small model (each test replica) would pay.
     """
     device = torch.device(device)
-    with torch.device("meta"):
-        model = Transformer(shape)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    on_meta = shape.weight_bytes(4) > BUILD_ON_META_ABOVE_BYTES
+    with torch.device("meta" if on_meta else device):
+        model = Transformer(shape).to(dtype=dtype)
+    if on_meta:
+        model = model.to_empty(device=device)
     if shape.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     generator = torch.Generator(device=device).manual_seed(seed)
