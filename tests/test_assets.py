@@ -39,6 +39,30 @@ def test_default_model_loads_with_transformers_gguf_file():
     assert (config.model_type, config.vocab_size, config.num_hidden_layers) == ("llama", 49152, 30)
 
 
+def test_the_default_checkpoint_holds_the_gguf_values():
+    """The cached float32 checkpoint is the GGUF de-quantised: its token embedding equals the gguf
+    library's own de-quantisation of that tensor (a tensor transformers does not permute), and its
+    config is the GGUF's. (test_quality runs the model loaded from it.)"""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from sinkcache.models.loader import default_checkpoint
+
+    checkpoint = default_checkpoint()
+    reader = gguf.GGUFReader(default_model().path)
+    (tensor,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    with safe_open(checkpoint / "model.safetensors", "np") as saved:
+        embedding = saved.get_tensor("model.embed_tokens.weight")
+    assert embedding.dtype == np.float32 and embedding.shape == (49152, 576)
+    assert np.array_equal(embedding, expected.reshape(embedding.shape).astype(np.float32))
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    assert (config.model_type, config.vocab_size, config.num_hidden_layers) == ("llama", 49152, 30)
+
+
 def test_cached_assets_do_not_download_again(monkeypatch):
     def fetch_all() -> None:
         assert default_model().path.is_file()
@@ -96,7 +120,7 @@ def _build_slowly(target: str, log: str) -> str:
         time.sleep(0.5)
         (staging / "data.txt").write_text("complete")
 
-    return str(assets._build_once(Path(target), build))
+    return str(assets.build_once(Path(target), build))
 
 
 def test_concurrent_builders_build_once(tmp_path):
@@ -116,7 +140,7 @@ def test_failed_build_leaves_nothing(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        assets._build_once(tmp_path / "asset", fail)
+        assets.build_once(tmp_path / "asset", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".locks"]
 
 

