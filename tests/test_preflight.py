@@ -221,6 +221,12 @@ def test_a_local_ray_that_dies_during_the_start_ends_the_command() -> None:
     assert time.monotonic() - killed < 30
     assert serve.returncode != 0 and "ready" not in out
     lines = [line for line in err.splitlines() if line.strip()]
+    if len(lines) == 1 and "Failed to register worker to Raylet" in lines[0]:
+        # Ray died while this process was registering with it as its driver: Ray's core worker
+        # (C++) ends the process at once with its own one line, before the watchdog can speak
+        # (seen once in a local run; the 2 s above land in that window on a busy box).
+        assert serve.returncode == 1, err
+        return
     assert lines and all(line.startswith("sinkserve: error: ") for line in lines), err
     assert "the local Ray cluster stopped: its raylet exited" in lines[0], err
 

@@ -117,9 +117,15 @@ def default_checkpoint() -> Path:
     from sinkcache.models import assets
 
     def convert(staging: Path) -> None:
+        from safetensors.torch import save_model
+
         source = assets.default_model()
         hf_model = _hf_causal_lm(str(source.directory), {"gguf_file": source.gguf_file})
-        hf_model.save_pretrained(staging)
+        # transformers will not save a model it read from GGUF (save_pretrained refuses), and the
+        # config would still say the weights are GGUF-quantised: save both by hand.
+        del hf_model.config.quantization_config
+        hf_model.config.save_pretrained(staging)
+        save_model(hf_model, str(staging / "model.safetensors"))  # tied embeddings stored once
 
     return assets.build_once(assets.cache_root() / assets.DEFAULT_CHECKPOINT_DIR, convert)
 
