@@ -121,8 +121,12 @@ class SessionReplica:
         if not hasattr(self, "server"):
             return
         self.sessions.draining = True
+        # Stop routing here now. Bounded, as every call to the directory below: when the whole
+        # app is deleted the directory may be gone already, and a call to a deployment without
+        # replicas waits until Serve force-kills this one (which made every stop of `sinkserve
+        # serve` wait out drain_timeout_s + 10 s).
         with contextlib.suppress(Exception):
-            await self.directory.heartbeat.remote(await self.info())  # stop routing here now
+            await asyncio.wait_for(self.directory.heartbeat.remote(await self.info()), 2.0)
         await self.health.enter_graceful_shutdown()
         try:
             await self.sessions.drain(self.settings.drain_timeout_s)
@@ -130,8 +134,6 @@ class SessionReplica:
             log.exception("drain failed")
         for task in self._tasks:
             task.cancel()
-        # Bounded: when the whole app is deleted the directory may be gone already, and a call
-        # to a deployment without replicas waits until Serve force-kills this one.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.directory.leave.remote(self.replica_id), 2.0)
         self.sessions.end_streams()
