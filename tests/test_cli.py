@@ -33,8 +33,8 @@ def test_serve_prints_ready_chat_talks_and_sigterm_stops_cleanly() -> None:
             str(port),
             "--host",
             "127.0.0.1",
-            # A stop with nothing in flight takes about 12 s. It once waited about 45 s with the
-            # default 30 s, and 64 s with this, on a call to the directory, already deleted.
+            # A stop with nothing in flight took 12 s here. It once waited 47 s with the default
+            # 30 s, and 64 s with this, on a call to the directory, already deleted.
             "--drain-timeout-s",
             "120",
         ],
