@@ -18,9 +18,9 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from deployments.state_dir import state_dir
 from sinkcache.config import EngineConfig, setting
 from sinkwire.options import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -94,9 +94,15 @@ class AppSettings:
     session_ttl_s: float = setting(3600.0, "seconds a session with no stream attached lives")
     session_store: str = setting(
         "",
-        "where sessions are checkpointed so they outlive any process: sqlite (a file under the "
-        "cache directory), sqlite:///PATH, redis://HOST:PORT/DB, or off; default: "
+        "where sessions are checkpointed so they outlive any process: sqlite (a file in the "
+        "state directory), sqlite:///PATH, redis://HOST:PORT/DB, or off; default: "
         f"${STORE_ENV}, else sqlite",
+    )
+    durable_turn_ends: bool = setting(
+        True,
+        "send a TurnEnd only once its session's checkpoint is in the session store (waits for "
+        "the store writer's next flush, at most 50 ms plus one write), so a turn the client saw "
+        "end survives a crash; off: sent at once, and a crash may lose it",
     )
     idle_offload_s: float = setting(
         60.0,
@@ -122,7 +128,7 @@ class AppSettings:
         "",
         "HMAC key of resume tokens and of the gateways' credential, shared by the whole app; a "
         f"config file or ${SECRET_ENV} (a Kubernetes Secret), never a flag; default on one node: "
-        "a random key kept in the cache directory (so a restarted service accepts old tokens)",
+        "a random key kept in the state directory (so a restarted service accepts old tokens)",
     )
     application: str = setting("sinkserve", "the Serve application's name")
 
@@ -305,9 +311,8 @@ def _coerce(f: dataclasses.Field, raw: Any) -> Any:
 
 
 def _local_secret() -> str:
-    """A random resume secret kept (mode 0600) in the cache directory, made on first use."""
-    root = Path(os.environ.get("SINKSERVE_CACHE") or Path.home() / ".cache" / "sinkserve")
-    path = root.expanduser() / "resume_secret"
+    """A random resume secret kept (mode 0600) in the state directory, made on first use."""
+    path = state_dir() / "resume_secret"
     with contextlib.suppress(FileNotFoundError):
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)

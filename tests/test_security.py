@@ -329,6 +329,7 @@ def test_the_resume_secret_comes_from_a_secret_and_placeholders_are_refused(
     monkeypatch, tmp_path
 ) -> None:
     monkeypatch.delenv(ENV_RESUME_SECRET, raising=False)
+    monkeypatch.delenv("SINKSERVE_STATE_DIR", raising=False)  # tests/conftest.py sets one
     monkeypatch.setenv("SINKSERVE_CACHE", str(tmp_path))
     local = _settings()  # made up and kept on this machine: fine for one node only
     assert local.resume_secret_source == "local" and len(local.resume_secret) == 64

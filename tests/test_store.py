@@ -375,6 +375,7 @@ async def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_default_sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SINKSERVE_STATE_DIR", raising=False)  # tests/conftest.py sets one
     monkeypatch.setenv("SINKSERVE_CACHE", str(tmp_path / "cache"))
     assert default_sqlite_url() == f"sqlite://{tmp_path}/cache/sessions.db"
     monkeypatch.delenv("SINKSERVE_CACHE")

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from deployments.state_dir import state_dir
 from deployments.store.protocol import SessionStore
 from deployments.store.redis_store import RedisSessionStore
 from deployments.store.sqlite_store import SqliteSessionStore
 
-CACHE_ENV = "SINKSERVE_CACHE"
 SQLITE_SCHEME = "sqlite://"
 REDIS_SCHEMES = ("redis://", "rediss://")
 
 
 def default_sqlite_url() -> str:
-    """The embedded default: `sessions.db` under the cache root that sinkcache also uses."""
-    cache_root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sinkserve")
-    return f"{SQLITE_SCHEME}{(cache_root / 'sessions.db').expanduser().resolve()}"
+    """The embedded default: `sessions.db` in the state directory (deployments/state_dir.py)."""
+    return f"{SQLITE_SCHEME}{(state_dir() / 'sessions.db').resolve()}"
 
 
 def open_store(url: str, ttl_s: float) -> SessionStore:
