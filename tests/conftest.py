@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deployments.state_dir import STATE_ENV
+from tests.seeds import BASE_SEED, SEED_ENV
 
 # Triton kernels run in Triton's interpreter on CPU tensors; it must be on before triton is imported.
 if not torch.cuda.is_available():
@@ -30,6 +31,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     path = _STATE_ROOT / name
     path.mkdir(parents=True, exist_ok=True)
     os.environ[STATE_ENV] = str(path)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"random test data: {SEED_ENV}={BASE_SEED} (tests/seeds.py)"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

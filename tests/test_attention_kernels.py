@@ -10,7 +10,6 @@ smallest size on a GPU, where the same tests run compiled.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -18,11 +17,10 @@ import torch
 from sinkcache.core.arena import FP8
 from sinkcache.core.attention import reference, triton_decode, triton_prefill
 from sinkcache.core.ops import reference as ops_reference
+from tests.seeds import BASE_SEED, replay_hint
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-# A fresh base seed per run (printed with any failure); set SINKSERVE_TEST_SEED to replay one.
-BASE_SEED = int(os.environ.get("SINKSERVE_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
 
 
 def _generator(case: int) -> torch.Generator:
@@ -42,7 +40,7 @@ def _assert_close(
     case: int,
     tolerance: float | None = None,
 ) -> None:
-    where = f"(seed {BASE_SEED + case}; replay with SINKSERVE_TEST_SEED={BASE_SEED})"
+    where = f"(seed {BASE_SEED + case}; {replay_hint()})"
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     assert out.dtype == ref.dtype == dtype
     assert torch.isfinite(out).all(), f"unwritten (NaN-poisoned) or non-finite outputs {where}"

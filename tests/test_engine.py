@@ -187,18 +187,29 @@ async def test_no_cache_memory_after_startup(models) -> None:
 
 
 async def test_seeded_sampling_is_independent_of_batching(models) -> None:
+    """A seeded reply is the same alone and with three sessions decoding beside it at every one
+    of its steps. The company is generating before the seeded turn starts and outlasts it (no end
+    until cancelled), so each step's batch is the same on every run, however loaded the box: the
+    batch's make-up changes float rounding, and the test must not depend on when steps ran."""
     _, ours = models
     params = GenerationParams(max_new_tokens=30, temperature=1.0, top_k=20, top_p=0.9, seed=1234)
+    endless = GenerationParams(max_new_tokens=100_000, temperature=1.0, seed=99, ignore_eos=True)
     outputs = []
     for company in (0, 3):  # alone, then sharing every step with three other sessions
         engine = make_engine(ours, CacheGeometry(2, 8))
         try:
             s = (await engine.open_session()).session_id
             others = [(await engine.open_session()).session_id for _ in range(company)]
-            noise = GenerationParams(max_new_tokens=40, temperature=1.0)
-            side = [await engine.append(o, TokenInput((3, 4, 5)), noise) for o in others]
-            ids, _, _ = await collect(await engine.append(s, TokenInput((7, 8, 9)), params))
-            await asyncio.gather(*(collect(x) for x in side))
+            side = [await engine.append(o, TokenInput((3, 4, 5)), endless) for o in others]
+            for stream in side:  # each one past its prefill and decoding
+                async with asyncio.timeout(60):
+                    while not isinstance(await anext(stream), TokensEvent):
+                        pass
+            ids, _, end = await collect(await engine.append(s, TokenInput((7, 8, 9)), params))
+            assert end.reason == EndReason.LENGTH and len(ids) == 30
+            for other, stream in zip(others, side, strict=True):
+                assert await engine.cancel(other), "a companion ended before the seeded turn"
+                await collect(stream)
             outputs.append(ids)
         finally:
             await engine.shutdown()

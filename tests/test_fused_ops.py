@@ -12,8 +12,6 @@ The fp8 store compares by relative error (float32 1e-5, bf16 1e-2).
 from __future__ import annotations
 
 import itertools
-import os
-import random
 
 import pytest
 import torch
@@ -28,10 +26,9 @@ from sinkcache.core.plan import PrefillChunk, StepPlan
 from sinkcache.core.rope import inverse_frequencies
 from sinkcache.core.runner import ModelRunner
 from sinkcache.core.sampling import SamplerVariant
+from tests.seeds import BASE_SEED, replay_hint
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# A fresh base seed per run (printed with any failure); set SINKSERVE_TEST_SEED to replay one.
-BASE_SEED = int(os.environ.get("SINKSERVE_TEST_SEED", random.SystemRandom().randrange(1 << 30)))
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -40,7 +37,7 @@ def _generator(case: int) -> torch.Generator:
 
 
 def _where(case: int) -> str:
-    return f"(seed {BASE_SEED + case}; replay with SINKSERVE_TEST_SEED={BASE_SEED})"
+    return f"(seed {BASE_SEED + case}; {replay_hint()})"
 
 
 def _randn(shape, gen, dtype, scale: float = 1.0) -> torch.Tensor:

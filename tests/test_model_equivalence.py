@@ -17,6 +17,7 @@ from sinkcache.core.attention.backend import REFERENCE
 from sinkcache.core.plan import PrefillChunk, StepPlan
 from sinkcache.core.runner import ModelRunner
 from sinkcache.models.loader import from_hf_model
+from tests.seeds import replay_hint, seed_for
 
 BASE = ModelShape(
     vocab_size=97,
@@ -68,7 +69,9 @@ def _hf_model(architecture: str, shape: ModelShape, seed: int):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_dense_logits_match_transformers(family: str) -> None:
     architecture, shape = FAMILIES[family]
-    hf = _hf_model(architecture, shape, seed=hash(family) % 1000)
+    seed = seed_for(family)
+    print(f"{family}: weights from seed {seed} ({replay_hint()})")
+    hf = _hf_model(architecture, shape, seed=seed)
     ours = from_hf_model(hf, torch.float32, "cpu")
     assert shape_from_hf_config(hf.config) == ours.shape
 
@@ -126,7 +129,7 @@ def test_dense_logits_match_transformers(family: str) -> None:
         ours_logits = torch.cat(got[row])
         assert ours_logits.shape == expected[row].shape
         diff = (ours_logits - expected[row]).abs().max().item()
-        assert diff < 1e-4, f"{family} row {row}: max abs diff {diff}"
+        assert diff < 1e-4, f"{family} row {row}: max abs diff {diff} (seed {seed})"
 
 
 def test_unsupported_architecture_is_refused() -> None:
