@@ -191,21 +191,49 @@ async def test_delete_and_count(store: SessionStore) -> None:
 async def test_ttl_counts_from_the_last_write(
     open_test_store: Callable[[float], SessionStore],
 ) -> None:
-    store = open_test_store(1.5)
-    await store.put_many([record("kept"), record("gone")])
-    await asyncio.sleep(0.9)
-    await store.put_many([record("kept", stream_pos=400)])
-    await asyncio.sleep(0.9)
+    """A row lives `ttl` from its last write. Judged by measured ages, not by sleeps that a
+    loaded box stretches: a row gone before its age reached the TTL fails the test; a row seen
+    past its TTL fails it; a round in which the box stalled so long that "kept" (rewritten in the
+    middle) could have lived out its TTL too is run again with new rows."""
+    ttl = 2.0
+    store = open_test_store(ttl)
+    for round_ in range(3):
+        kept, gone = f"kept{round_}", f"gone{round_}"
+        first = time.monotonic()
+        await store.put_many([record(kept), record(gone)])
+        await asyncio.sleep(ttl / 2)  # at least: every check below uses measured ages
+        rewritten = time.monotonic()
+        await store.put_many([record(kept, stream_pos=400)])
+        while await store.get(gone) is not None:  # until the TTL since the first write
+            assert time.monotonic() - first < ttl + 10, "a row outlived its TTL by 10 s"
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - first >= ttl, "a row expired before its TTL"
+        assert await store.claim(gone, "b") is None
+        live = await store.get(kept)
+        count = await store.count()
+        swept = await store.expire() if isinstance(store, SqliteSessionStore) else None
+        if time.monotonic() - rewritten >= ttl * 0.9:  # a stall: "kept" may be due too
+            print(f"round {round_}: the box stalled past kept's TTL; again")
+            await eventually(lambda: _no_rows(store), timeout_s=ttl + 10)
+            continue
+        assert live is not None and live.stream_pos == 400, "expired though rewritten"
+        assert count == 1
+        assert swept in (None, 1)  # the expired row deleted (a SQLite store)
+        while await store.get(kept) is not None:
+            assert time.monotonic() - rewritten < ttl + 10, "a row outlived its TTL by 10 s"
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - rewritten >= ttl, "a rewritten row expired before its TTL"
+        assert await store.count() == 0
+        return
+    pytest.fail("the box stalled past the TTL in every round")
 
-    assert await store.get("gone") is None
-    assert await store.claim("gone", "b") is None
-    assert (await store.get("kept")).stream_pos == 400
-    assert await store.count() == 1
+
+async def _no_rows(store: SessionStore) -> bool:
+    if await store.count():
+        return False
     if isinstance(store, SqliteSessionStore):
-        assert await store.expire() == 1
-    await asyncio.sleep(0.9)
-    assert await store.get("kept") is None
-    assert await store.count() == 0
+        await store.expire()
+    return True
 
 
 # --- Redis -------------------------------------------------------------------------------------
