@@ -123,6 +123,15 @@ class LoadStats:
     # Turns whose end did not continue the stream exactly where the session stood before them
     # (its position at the previous turn end, or where it resumed).
     position_errors: int = 0
+    # Resumes that came back at a stream position behind a TurnEnd the session was sent: a
+    # turn the client saw end, lost (a TurnEnd must mean the turn is durable).
+    behind_turn_end: int = 0
+    failing_over: int = 0  # sessions whose stream broke and that have no reply token since
+    last_turn_end: dict[int, float] = field(default_factory=dict)  # session index -> when
+    sampler_errors: Counter = field(default_factory=Counter)  # the Stats sampler's own
+    # Set by the chaos drill once every kill's replacement serves and no session is failing
+    # over: conversations end then (the duration is the cap).
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
     kills: list[dict[str, Any]] = field(default_factory=list)
     turns: int = 0
     tokens: int = 0
@@ -181,8 +190,9 @@ async def _converse(
     )
     failed_at: float | None = None  # a stream broke then; the next first token ends the failover
     position = session.opened.stream_position  # where the session's stream stands
+    ended_at = position  # the stream position of the last TurnEnd it was sent
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stats.settled.is_set():
             words = rng.randint(*config.words_per_turn)
             text = " ".join(rng.choice(WORDS) for _ in range(words))
             try:
@@ -191,12 +201,15 @@ async def _converse(
                 stats.error(resumed.cause)
                 stats.resumed += 1
                 stats.lost_tokens += resumed.lost_tokens
+                stats.behind_turn_end += resumed.stream_position < ended_at
+                stats.failing_over += failed_at is None
                 failed_at = failed_at or resumed.failed_at
                 stats.resume.record_value(max(1, int((time.monotonic() - failed_at) * 1e6)))
                 position = resumed.stream_position
                 continue
             except SessionError as error:
                 stats.error(error)
+                stats.failing_over += failed_at is None
                 failed_at = failed_at or time.monotonic()
                 resumed = await _resume(config, session, channel)
                 if resumed is None:
@@ -205,6 +218,7 @@ async def _converse(
                 session = resumed
                 stats.resumed += 1
                 position = session.opened.stream_position
+                stats.behind_turn_end += position < ended_at
                 continue
             if end is None or end.stream_position != (
                 position + end.input_tokens + end.generated_tokens
@@ -212,8 +226,12 @@ async def _converse(
                 stats.position_errors += 1
             else:
                 position = end.stream_position
+            if end is not None:
+                ended_at = end.stream_position
+                stats.last_turn_end[index] = time.monotonic()
             if failed_at is not None and first_token_at is not None:
                 stats.failover.record_value(max(1, int((first_token_at - failed_at) * 1e6)))
+                stats.failing_over -= 1
                 failed_at = None
             await asyncio.sleep(rng.uniform(*config.think_s))
         try:
@@ -222,6 +240,7 @@ async def _converse(
             stats.error(error)
     finally:
         stats.active -= 1
+        stats.last_turn_end.pop(index, None)
 
 
 async def _resume(
@@ -284,25 +303,43 @@ async def _turn(
 async def _chaos(
     config: LoadConfig, stats: LoadStats, stop: asyncio.Event, deadline: float
 ) -> None:
-    """Every `chaos_kill_every_s` of the run (after the ramp, before its end), SIGKILL one
-    replica process on this host (or its engine)."""
+    """SIGKILL one replica process on this host (or its engine, or a gateway), driven by what the
+    service reports, not by the clock alone: `chaos_kill_every_s` after the ramp, kill; wait until
+    Stats shows the killed process replaced and every replica serving again; wait
+    `chaos_kill_every_s` more; kill again. With `chaos_kills`, after the last kill's replacement
+    serves and no session is still failing over, `stats.settled` ends the run (the duration stays
+    its cap)."""
     rng = random.Random(config.seed)
     await asyncio.sleep(config.ramp_s)
     host = socket.gethostname()
     async with aio_channel(config.target, config.credentials) as channel:
         stub = pb_grpc.StreamingLLMStub(channel)
-        while not stop.is_set():
+
+        async def wait(seconds: float) -> bool:
+            """False once the run stops or reaches its deadline."""
+            seconds = min(seconds, deadline - time.monotonic())
+            if seconds <= 0:
+                return False
             try:
-                await asyncio.wait_for(stop.wait(), config.chaos_kill_every_s)
-                return
+                await asyncio.wait_for(stop.wait(), seconds)
+                return False
             except TimeoutError:
-                pass
-            if time.monotonic() >= deadline or len(stats.kills) == config.chaos_kills:
-                return
+                return True
+
+        async def ask() -> pb.StatsResponse | None:
             try:
-                reply = await stub.Stats(pb.StatsRequest(), timeout=5.0)
+                return await stub.Stats(pb.StatsRequest(), timeout=5.0)
             except grpc.aio.AioRpcError:
+                return None
+
+        replicas = 0
+        while await wait(config.chaos_kill_every_s):
+            if len(stats.kills) == config.chaos_kills:
+                break
+            reply = await ask()
+            if reply is None:
                 continue
+            replicas = max(replicas, len(reply.replicas))
             target = config.chaos_target
             if target == "alternate":  # a replica's process, then an engine process, and so on
                 target = ("replica", "engine")[len(stats.kills) % 2]
@@ -323,14 +360,33 @@ async def _chaos(
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            stats.kills.append(
-                {
-                    "t": time.monotonic() - stats.started,
-                    "victim": victim_id,
-                    "target": target,
-                    "pid": pid,
-                }
-            )
+            kill = {"t": time.monotonic() - stats.started, "victim": victim_id, "target": target}
+            kill["pid"] = pid
+            stats.kills.append(kill)
+            # Until the killed process is replaced and as many replicas serve as before.
+            while True:
+                reply = await ask()
+                if reply is not None and len(reply.replicas) >= replicas:
+                    pids = {p for r in reply.replicas for p in (r.pid, r.engine_pid)}
+                    if pid not in pids and reply.gateway_pid != pid:
+                        kill["replaced_after_s"] = time.monotonic() - stats.started - kill["t"]
+                        break
+                if not await wait(0.5):
+                    return
+        if len(stats.kills) == config.chaos_kills and "replaced_after_s" in stats.kills[-1]:
+            # Every session back and answering: none failing over, and each one has ended a
+            # turn since the last replacement served (a session that was thinking through the
+            # kill finds its stream broken only at its next turn).
+            served = stats.started + stats.kills[-1]["t"] + stats.kills[-1]["replaced_after_s"]
+
+            def settled() -> bool:
+                ends = stats.last_turn_end.values()
+                return stats.failing_over == 0 and all(t > served for t in ends)
+
+            while not settled() and await wait(0.2):
+                pass
+            if settled():
+                stats.settled.set()
 
 
 _NOT_ADMIN = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
@@ -356,7 +412,9 @@ async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Eve
             except grpc.aio.AioRpcError as error:
                 if error.code() in _NOT_ADMIN:  # server figures need an admin key: go without
                     return
-                stats.error(error.code(), error.details() or "")
+                # A Stats call that timed out on a busy or failing-over service: the
+                # sampler's own, not a session's error.
+                stats.sampler_errors[error.code().name] += 1
             try:
                 await asyncio.wait_for(stop.wait(), config.stats_interval_s)
                 return
@@ -460,6 +518,9 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
         "opens_failed": stats.open_failed,
         "lost_reply_tokens": stats.lost_tokens,
         "position_errors": stats.position_errors,
+        "resumed_behind_turn_end": stats.behind_turn_end,
+        "chaos_settled": stats.settled.is_set(),
+        "sampler_errors": dict(stats.sampler_errors),
         "kills": stats.kills,
         "failover_ms": _percentiles(stats.failover),
         "resume_ms": _percentiles(stats.resume),
