@@ -205,9 +205,11 @@ class GatewayService:
         offloaded and handed back), any replica with room, which rebuilds it from the store."""
         opener = self.backends.get(replica_of(session_id))
         record = None
+        store_answered = False  # only the store may say that a session is gone for good
         if self.store is not None:
             try:
                 record = await asyncio.wait_for(self.store.get(session_id), STORE_TIMEOUT_S)
+                store_answered = True
             except (StoreUnavailableError, TimeoutError):
                 log.warning("session store unavailable; routing %s by its id", session_id)
         if record is not None:
@@ -225,6 +227,10 @@ class GatewayService:
             if replica_of(session_id) in self._gone:  # it may come back: try again later
                 raise StreamError(
                     grpc.StatusCode.UNAVAILABLE, "the session's replica is unreachable; try again"
+                )
+            if self.store is not None and not store_answered:  # a restarted gateway knows no
+                raise StreamError(  # gone replica: the store's silence is not its answer
+                    grpc.StatusCode.UNAVAILABLE, "the session store is unavailable; try again"
                 )
             raise StreamError(grpc.StatusCode.NOT_FOUND, f"session {session_id} not found")
         return [opener]
