@@ -44,8 +44,8 @@ def status_for(error: BaseException) -> StreamError:
         return StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free session slot: {error}")
     if isinstance(error, InvalidRequestError | ValueError):
         return StreamError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    if isinstance(error, SessionExistsError):
-        return StreamError(grpc.StatusCode.ALREADY_EXISTS, str(error))
+    if isinstance(error, SessionExistsError):  # only a rebuild racing another: resume again
+        return StreamError(grpc.StatusCode.UNAVAILABLE, f"the session is being rebuilt: {error}")
     if isinstance(error, EngineStoppedError):
         return StreamError(grpc.StatusCode.UNAVAILABLE, str(error))
     return StreamError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")

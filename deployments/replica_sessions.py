@@ -33,6 +33,7 @@ from sinkcache.errors import (
     ArenaFullError,
     EngineStoppedError,
     InvalidRequestError,
+    SessionExistsError,
     SessionNotFoundError,
 )
 from sinkcache.events import SessionSnapshot
@@ -193,7 +194,13 @@ class ReplicaSessions:
         self.entries[session_id] = entry
         async with entry.lock:
             try:
-                info = await self._rebuild(entry)
+                try:
+                    info = await self._rebuild(entry)
+                except SessionExistsError:
+                    # The engine holds a copy this replica does not know (a claim or a move away
+                    # cut short, from another snapshot): no stream is attached to it, so it goes.
+                    await self._close_orphan(session_id)
+                    info = await self._rebuild(entry)
             except BaseException:
                 self.entries.pop(session_id, None)
                 raise
@@ -388,8 +395,18 @@ class ReplicaSessions:
                 asyncio.get_running_loop().create_task(self._close_quietly(session_id))
 
     async def _close_quietly(self, session_id: str) -> None:
+        if session_id in self.entries:  # claimed back here meanwhile: that copy is ours
+            return
         with contextlib.suppress(SessionNotFoundError, EngineStoppedError):
             await self.engine.close(session_id)
+
+    async def _close_orphan(self, session_id: str) -> None:
+        """Close an engine copy of a session this replica holds no entry for; a reply it may still
+        run ends first (a closing session stays in the engine until its reply drains)."""
+        with contextlib.suppress(SessionNotFoundError):
+            await self.engine.cancel(session_id)
+            await self.engine.session_info(session_id, settled=True)
+            await _to_the_end(self.engine.close(session_id))
 
     # -- sweeps ----------------------------------------------------------------------------------
     async def sweep(self, period_s: float = 1.0) -> None:

@@ -31,6 +31,13 @@ from sinkcache.inputs import AppendInput, GenerationParams, TokenInput
 log = logging.getLogger(__name__)
 
 
+def _restore_key(tokens: list[int], stream_pos: int, open_reply: int | None) -> tuple:
+    try:
+        return array("i", tokens).tobytes(), stream_pos, open_reply
+    except OverflowError:  # not a snapshot any session was restored from
+        return tuple(tokens), stream_pos, open_reply
+
+
 class _Discard:
     """A sink that drops events (warm-up and rebuild requests): a host finds nothing to deliver."""
 
@@ -81,6 +88,10 @@ class EngineCore:
         # session is kept until taken, the newest.
         self._snapshots: dict[str, SessionSnapshot] | None = None
         self._snapshot_every = max(1, geometry.window // 2)  # reply tokens between snapshots
+        # What each restored session was restored from (int32 bytes, stream position, chat
+        # state), until anything else is submitted to it: a second restore of the same snapshot
+        # is then a no-op (a host whose first restore was cut short retries it).
+        self._restored_from: dict[str, tuple[bytes, int, int | None]] = {}
 
     # -- sessions ----------------------------------------------------------------------------------
     def open_session(self, session_id: str, stream_base: int = 0) -> Session:
@@ -112,6 +123,7 @@ class EngineCore:
         here, before anything is queued."""
         session = self.session(session_id)
         request = self.intake.new_request(item, generation, score, sink, max_chunk)
+        self._restored_from.pop(session_id, None)  # the stream goes on past its snapshot
         session.queue.append(request)
         if session.active is None:
             self._advance(session)
@@ -163,7 +175,18 @@ class EngineCore:
         reply), its stream position continuing at `stream_pos`. The cache is then exactly what a
         fresh session fed those ids holds (the recomputation oracle's), not the lost cache, whose
         window keys had attended to tokens since evicted. Appends may follow at once; they run
-        after the rebuild."""
+        after the rebuild. Restoring a session it holds from the very snapshot it was restored
+        from (nothing submitted since) returns it as it is; any other restore of a held session
+        raises SessionExistsError."""
+        held = self.sessions.get(session_id)
+        restored_from = self._restored_from.get(session_id)
+        if (
+            held is not None
+            and not held.closing
+            and restored_from is not None
+            and restored_from == _restore_key(tokens, stream_pos, open_reply)
+        ):
+            return held
         if not 0 <= len(tokens) <= stream_pos:
             raise InvalidRequestError(
                 f"a snapshot of {len(tokens)} tokens cannot end at stream position {stream_pos}"
@@ -177,6 +200,7 @@ class EngineCore:
         if tokens:
             self.submit(session_id, TokenInput(tuple(tokens)), None, False, _Discard())
         session.open_reply = open_reply
+        self._restored_from[session_id] = _restore_key(tokens, stream_pos, open_reply)
         return session
 
     def offload_session(self, session_id: str) -> SessionSnapshot:
@@ -360,6 +384,7 @@ class EngineCore:
         self.outputs.end(request, event)
 
     def _release(self, session: Session) -> None:
+        self._restored_from.pop(session.session_id, None)
         if self._snapshots is not None:
             self._snapshots.pop(session.session_id, None)
         self.scheduler.drop(session)
