@@ -198,7 +198,8 @@ class EngineCore:
             )
         session = self.open_session(session_id, stream_base=stream_pos - len(tokens))
         if tokens:
-            self.submit(session_id, TokenInput(tuple(tokens)), None, False, _Discard())
+            request = self.submit(session_id, TokenInput(tuple(tokens)), None, False, _Discard())
+            request.rebuild = True  # its chunks take at most a share of each step's prefill
         session.open_reply = open_reply
         self._restored_from[session_id] = _restore_key(tokens, stream_pos, open_reply)
         return session

@@ -3,7 +3,9 @@
 Every generating session gets one decode row per step (continuous batching). Prefill chunks of at
 most the window share a per-step prefill token budget, one chunk per session per step, round-robin:
 decodes always run, a long append cannot stall anyone, and new turns are not starved by a large
-decode batch (their first tokens wait for at most a few steps).
+decode batch (their first tokens wait for at most a few steps). Rebuilds of restored sessions
+take at most REBUILD_SHARE of that budget per step, so that many sessions coming back at once slow
+neither the steps of those generating nor the first tokens of their new turns much.
 A session whose reader is behind can be held (`hold`): it keeps its place but gets no decode rows
 until released, so an unread reply stops costing compute and memory (backpressure). A held reply
 that is cancelled gets the one row that ends it, as any cancelled reply does.
@@ -19,6 +21,8 @@ from sinkcache.config import CacheGeometry
 from sinkcache.core.plan import ChunkRecord, PrefillChunk, StepPlan, StepRecord
 from sinkcache.core.sampling import SamplerVariant
 from sinkcache.core.session import Session, SessionState
+
+REBUILD_SHARE = 0.25  # of each step's prefill budget, at most, for rebuilds
 
 
 class Scheduler:
@@ -110,13 +114,21 @@ class Scheduler:
         record.plan.decode_version = self._decode_version
 
         budget = self.prefill_budget
+        rebuild_budget = max(1, int(self.prefill_budget * REBUILD_SHARE))
         rounds = len(self.prefilling)
         while self.prefilling and budget > 0 and rounds > 0:
             rounds -= 1
             session = self.prefilling.popleft()
             request = session.active
+            if request.rebuild and rebuild_budget == 0:
+                self.prefilling.append(session)  # the rebuilds' share of this step is spent
+                continue
             limit = request.max_chunk or self.geometry.window
+            if request.rebuild:
+                limit = min(limit, rebuild_budget)
             n = min(len(request.feed) - request.fed, limit, budget)
+            if request.rebuild:
+                rebuild_budget -= n
             tokens = request.feed[request.fed : request.fed + n]
             last = request.fed + n == len(request.feed)
             sample = last and request.generation is not None and not request.cancelled

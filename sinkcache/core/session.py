@@ -65,6 +65,7 @@ class Request:
     sink: Any  # an output sink with push(event) and fail(error) (see core.outputs.OutputSink)
     chat: bool = False  # a chat turn: close a previous unfinished assistant reply first
     max_chunk: int | None = None  # prefill at most this many tokens per step (default: window)
+    rebuild: bool = False  # feeds a restored session's snapshot (a bounded share of each step)
     # -- laid out by intake when the request becomes active ------------------------------------------
     tokens: list[int] = field(default_factory=list)  # the encoded input
     feed: list[int] = field(default_factory=list)  # what to write into the slot
