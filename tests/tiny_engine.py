@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from sinkcache.config import ModelShape, shape_to_hf_config
+from sinkcache.config import ModelShape
 from sinkcache.core.arena import KVArena
 from sinkcache.core.attention.backend import REFERENCE
 from sinkcache.core.engine import EngineCore
 from sinkcache.core.runner import ModelRunner
 from sinkcache.events import ScoresEvent, TokensEvent, TurnEndEvent
+from sinkcache.families import shape_to_hf_config
 from sinkcache.host.thread import ThreadEngine
 from sinkcache.models.loader import from_hf_model
 

@@ -1,4 +1,5 @@
-"""A Llama-family decoder whose attention runs over KVArena slots.
+"""The decoder of every family in sinkcache.families, its attention over KVArena slots: the Llama
+block, with a family's differences as ModelShape flags (q/k/v and o biases, Qwen3's q/k norm).
 
 Reads top to bottom like gpt-fast: RMSNorm, Attention, FeedForward, Block, Transformer. One
 forward takes a flat batch of tokens from many sessions (decode rows first, then prefill chunks),
@@ -73,14 +74,29 @@ class Attention(nn.Module):
         )
         q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         self.qkv_proj = nn.Linear(shape.hidden_size, q_size + 2 * kv_size, bias=shape.qkv_bias)
-        self.o_proj = nn.Linear(q_size, shape.hidden_size, bias=False)
+        self.o_proj = nn.Linear(q_size, shape.hidden_size, bias=shape.o_proj_bias)
         self.scale = shape.head_dim**-0.5
+        self.qk_norm = shape.qk_norm
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
+            self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
+
+    def norm_heads(self, qkv: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """qkv with each q and each k head RMS-normalised (Qwen3's q/k norm, before RoPE), by the
+        backend's norm over [tokens * heads, D] rows; v as it was. Unfused: two norms and a copy."""
+        tokens, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split((self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d), -1)
+        q, _ = self.q_norm(q.reshape(-1, d), None, backend)
+        k, _ = self.k_norm(k.reshape(-1, d), None, backend)
+        return torch.cat((q.view(tokens, -1), k.view(tokens, -1), v), dim=-1)
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, arena: KVArena, backend: AttentionBackend
     ) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
+        if self.qk_norm:
+            qkv = self.norm_heads(qkv, backend)
         k_cache, v_cache = arena.layer(self.layer)  # [slots + 1, Hkv, C, D]
         k_scale, v_scale = arena.layer_scales(self.layer)  # [slots + 1, Hkv, C] (fp8) or None
         # Rotates q (twice: recent and sink positions) and k; writes k, v into the arena.

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from sinkcache.config import ModelShape, shape_to_hf_config
+from sinkcache.config import ModelShape
+from sinkcache.families import shape_to_hf_config
 
 TWO_PI = 2.0 * math.pi
 

@@ -85,7 +85,7 @@ def build_core(
     runner = ModelRunner(
         loaded.model,
         arena,
-        select_backend(device, config.attention),
+        select_backend(device, config.attention, loaded.shape.head_dim),
         use_cuda_graphs=config.cuda_graphs,
     )
     codec = None

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from sinkcache.config import PRESETS, ModelShape, UnsupportedModelError, shape_from_hf_config
+from sinkcache.config import PRESETS, ModelShape, UnsupportedModelError
 from sinkcache.core.model import Transformer
+from sinkcache.families import FAMILIES, hf_weight_names, shape_from_hf_config
 from sinkcache.models.spec import preset_of, spec_forms
 
 BUILD_ON_META_ABOVE_BYTES = 1 << 30  # float32 weights; SmolLM2-135M's are 0.5 GiB
@@ -65,32 +66,35 @@ def random_model(
 
 
 def from_hf_model(hf_model: Any, dtype: torch.dtype, device: torch.device | str) -> Transformer:
-    """Copy a transformers Llama/Mistral/Qwen2 CausalLM's weights into our fused layout."""
+    """Copy a transformers CausalLM's weights into our fused layout by its family's weight map.
+
+    Every checkpoint tensor must land somewhere: one left over is a part of the block this engine
+    would silently drop, so the model is refused instead.
+    """
     shape = shape_from_hf_config(hf_model.config)
+    family = FAMILIES[shape.family]
     state = hf_model.state_dict()
     model = Transformer(shape)
-    own: dict[str, torch.Tensor] = {"embed_tokens.weight": state["model.embed_tokens.weight"]}
-    for i in range(shape.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        attn = src + "self_attn."
-        own[dst + "attention.qkv_proj.weight"] = torch.cat(
-            [state[attn + f"{p}_proj.weight"] for p in "qkv"], dim=0
+    own: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name in model.state_dict():
+        if name == "lm_head.weight" and shape.tie_word_embeddings:
+            continue  # the same tensor as embed_tokens.weight
+        sources = hf_weight_names(family, name)
+        missing = [source for source in sources if source not in state]
+        if missing:
+            raise UnsupportedModelError(f"{family.label} checkpoint lacks {missing[0]!r}")
+        parts = [state[source] for source in sources]
+        own[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        used.update(sources)
+    if shape.tie_word_embeddings:
+        own["lm_head.weight"] = own["embed_tokens.weight"]
+        used.add("lm_head.weight")  # transformers lists the tied head too
+    left_over = sorted(set(state) - used)
+    if left_over:
+        raise UnsupportedModelError(
+            f"{family.label} checkpoint has weights sinkserve does not run: {', '.join(left_over[:3])}"
         )
-        if shape.qkv_bias:
-            own[dst + "attention.qkv_proj.bias"] = torch.cat(
-                [state[attn + f"{p}_proj.bias"] for p in "qkv"], dim=0
-            )
-        own[dst + "attention.o_proj.weight"] = state[attn + "o_proj.weight"]
-        own[dst + "mlp.gate_up_proj.weight"] = torch.cat(
-            [state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]], dim=0
-        )
-        own[dst + "mlp.down_proj.weight"] = state[src + "mlp.down_proj.weight"]
-        own[dst + "input_norm.weight"] = state[src + "input_layernorm.weight"]
-        own[dst + "post_attention_norm.weight"] = state[src + "post_attention_layernorm.weight"]
-    own["norm.weight"] = state["model.norm.weight"]
-    own["lm_head.weight"] = (
-        state["model.embed_tokens.weight"] if shape.tie_word_embeddings else state["lm_head.weight"]
-    )
     model.load_state_dict(own, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 

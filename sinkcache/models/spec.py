@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sinkcache.config import PRESETS, SUPPORTED_ARCHITECTURES
+from sinkcache.config import PRESETS
+from sinkcache.families import supported_architectures
 
 GGUF_MAGIC = b"GGUF"
 
@@ -79,10 +80,10 @@ def _local_problem(path: Path) -> str | None:
             archs = json.loads(config.read_text()).get("architectures") or []
         except (OSError, ValueError) as error:
             return f"has an unreadable config.json ({error})"
-        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        if archs and not any(a in supported_architectures() for a in archs):
             return (
                 f"is a {archs[0]}, which sinkserve does not run (it runs "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+                f"{', '.join(supported_architectures())})"
             )
         return None
     return "does not exist" if not path.exists() else "is neither a file nor a directory"

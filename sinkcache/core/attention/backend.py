@@ -56,11 +56,24 @@ def triton_backend() -> AttentionBackend:
     )
 
 
-def select_backend(device: torch.device | str, name: str = "auto") -> AttentionBackend:
-    """`auto`: Triton on CUDA, reference otherwise. `reference` / `triton` force one."""
+def triton_supports_head_dim(head_dim: int) -> bool:
+    """The Triton attention kernels tile a head in one power-of-two block of at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def select_backend(
+    device: torch.device | str, name: str = "auto", head_dim: int | None = None
+) -> AttentionBackend:
+    """`auto`: Triton on CUDA, reference otherwise. `reference` / `triton` force one. With the
+    model's `head_dim`, a head the Triton kernels cannot tile is refused here, before any step."""
     device = torch.device(device)
     if name == "reference" or (name == "auto" and device.type != "cuda"):
         return REFERENCE
     if name in ("auto", "triton"):
+        if head_dim is not None and not triton_supports_head_dim(head_dim):
+            raise ValueError(
+                f"the Triton attention kernels need a head_dim that is a power of two >= 16, this "
+                f"model's is {head_dim}: run it with --attention reference"
+            )
         return triton_backend()
     raise ValueError(f"unknown attention backend {name!r} (auto, reference, triton)")
