@@ -364,6 +364,13 @@ class ReplicaSessions:
             if entry is not None:
                 self.writer.submit(self._record(entry, snapshot))
 
+    async def turn_durable(self, session_id: str) -> None:
+        """Return once the session's newest checkpoint (its turn end's) is in the store, so that
+        the TurnEnd sent next survives a crash (`durable_turn_ends`). At once without a store or
+        while it is down (the checkpoint is retried; the store's outage is the risk then)."""
+        if self.writer is not None and self.settings.durable_turn_ends:
+            await self.writer.until_written(session_id)
+
     def _record(self, entry: SessionEntry, snapshot: SessionSnapshot) -> SessionRecord:
         engine = self.settings.engine
         return SessionRecord.from_snapshot_bytes(

@@ -221,6 +221,8 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
                 async for event in turn:
                     if isinstance(event, TurnEndEvent):
                         position = event.stream_pos
+                        # Its checkpoint came with it from the engine: in the store first.
+                        await self.sessions.turn_durable(session_id)
                     out.put_nowait(server_message(event, replica_id))
             except InvalidRequestError as error:  # refused when its turn came (nothing to feed)
                 out.put_nowait(rejected_message(error, position, replica_id))

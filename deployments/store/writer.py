@@ -5,6 +5,11 @@ slow a step or fail a request. `submit` only replaces the session's pending reco
 costs at most one pending record however often it is checkpointed), and a background task writes
 everything pending with one `put_many` per flush. When the store is down the records wait, newer
 ones still replacing older, and the task retries with capped exponential backoff until it returns.
+
+Group commit: `until_written(session_id)` waits until the session's newest record is in the store
+(the flush that carries it), so a replica can send a turn's end only once that turn is durable.
+Many sessions' waits ride on one flush: latency of at most one flush interval plus one write, and
+no extra writes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ class CheckpointWriter:
         self._pending: dict[str, SessionRecord] = {}
         self._in_flight: dict[str, SessionRecord] = {}
         self._forgotten_in_flight: set[str] = set()
+        # Resolved when the flush that carries the records pending now (or in flight now) ends:
+        # True when they were written, False when the write failed. Made only when awaited.
+        self._next_written: asyncio.Future[bool] | None = None
+        self._in_flight_written: asyncio.Future[bool] | None = None
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -69,6 +78,21 @@ class CheckpointWriter:
         self._pending.pop(session_id, None)
         if session_id in self._in_flight:
             self._forgotten_in_flight.add(session_id)
+        self._wake.set()  # a wait on a flush that now has nothing to write ends
+
+    async def until_written(self, session_id: str) -> bool:
+        """Wait until the newest record submitted for the session is in the store: True once it
+        is (or nothing of it is waiting), False when the write carrying it failed (the store is
+        down: the record stays pending and is retried; while it is down nobody waits for it)."""
+        if session_id in self._pending:
+            if self._failing or not self.running:  # the store is down: do not hold callers up
+                return False
+            if self._next_written is None:
+                self._next_written = asyncio.get_running_loop().create_future()
+            return await asyncio.shield(self._next_written)
+        if session_id in self._in_flight and self._in_flight_written is not None:
+            return await asyncio.shield(self._in_flight_written)
+        return True
 
     async def wait_for_in_flight(self) -> None:
         """Return once the write in flight now, if any, has finished (succeeded or failed)."""
@@ -91,6 +115,9 @@ class CheckpointWriter:
             return await asyncio.wait_for(self.flush(), timeout_s)
         except TimeoutError:
             return False
+        finally:
+            _resolve(self._next_written, False)  # nothing flushes any more: nobody waits on it
+            self._next_written = None
 
     async def flush(self) -> bool:
         """Write everything pending now (at drain); True when nothing is left pending."""
@@ -102,8 +129,11 @@ class CheckpointWriter:
     async def _run(self) -> None:
         while True:
             if not self._pending:
+                _resolve(self._next_written, True)  # what they waited for was forgotten
+                self._next_written = None
                 self._wake.clear()
                 await self._wake.wait()
+                continue
             async with self._flush_lock:
                 written = await self._write_pending() if self._pending else True
             if written:
@@ -120,6 +150,10 @@ class CheckpointWriter:
         newer record for the same session arrived meanwhile or the session was forgotten."""
         batch, self._pending = self._pending, {}
         self._in_flight = batch
+        done, self._next_written = self._next_written, None
+        if done is None:
+            done = asyncio.get_running_loop().create_future()
+        self._in_flight_written = done
         written = False
         try:
             refused = await self.store.put_many(list(batch.values()))
@@ -132,6 +166,8 @@ class CheckpointWriter:
         finally:
             forgotten, self._forgotten_in_flight = self._forgotten_in_flight, set()
             self._in_flight = {}
+            self._in_flight_written = None
+            _resolve(done, written)
             if not written:
                 for session_id, record in batch.items():
                     if session_id not in forgotten:
@@ -156,6 +192,11 @@ class CheckpointWriter:
             logger.warning("checkpoint flush failed, records kept for retry: %s", message)
         self.failures += 1
         self.last_error = message
+
+
+def _resolve(future: asyncio.Future[bool] | None, written: bool) -> None:
+    if future is not None and not future.done():
+        future.set_result(written)
 
 
 def _encodes(record: SessionRecord) -> bool:
