@@ -31,7 +31,7 @@ from deployments.gateway_guard import GatewayGuard
 from deployments.store import SessionStore, StoreUnavailableError
 from sinkwire.options import server_options
 from sinkwire.session_ids import replica_of
-from sinkwire.status import StreamError
+from sinkwire.status import StreamError, retry_after_s
 from sinkwire.v1 import streaming_llm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -293,9 +293,11 @@ class GatewayService:
                     "session (with a session store it continues from its last checkpoint)",
                 )
         if refusals and all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refusals):
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot on any replica"
-            )
+            message = "no free session slot on any replica"
+            hints = [h for r in refusals if (h := retry_after_s(r.details)) is not None]
+            if hints:  # the soonest any replica expects a slot
+                message += f": every slot is in a conversation; retry in {min(hints):.0f} s"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         last = refusals[-1] if refusals else None
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,

@@ -6,6 +6,13 @@ for `idle_offload_s` leaves the GPU, and when every slot is taken the least rece
 session makes room. Its next message rebuilds it (`Engine.restore_session`), so a replica holds
 more sessions than it has slots.
 
+Admission follows the capacity to *generate*, not to hold: a session in a conversation (a turn
+in flight, or its last turn ended less than `CONVERSING_S` ago, its stream still attached) keeps
+its slot. When every slot holds one, a new Open is refused at once (RESOURCE_EXHAUSTED with a
+retry hint), and a turn that needs its offloaded session rebuilt waits in a bounded first-come
+queue. Evicting conversing sessions instead made every turn a rebuild: the service spent its
+steps re-prefilling windows and starved everyone.
+
 With a session store (deployments.store), every turn end and every window/2 reply tokens of every
 session is checkpointed there, write-behind, in one round trip per flush. A Resume for a session
 this replica does not know claims it in the store (fencing off its previous holder) and rebuilds
@@ -44,9 +51,14 @@ from sinkwire.status import StreamError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# How long a rebuild waits for a slot when every slot holds a session with a request in flight
-# (replies end, and a slot with them); a new session is refused at once instead.
+# How long a rebuild waits for a slot when every slot holds a session in a conversation (replies
+# end and conversations pause, and a slot with them); a new session is refused at once instead.
 REBUILD_WAIT_S = 10.0
+# Rebuilds waiting for a slot at most; one more is refused at once (with a retry hint).
+MAX_QUEUED_REBUILDS = 64
+# A session whose last turn ended this recently (its stream attached) is in a conversation: it
+# keeps its slot. Longer pauses than this cost one rebuild at the next turn, not a slot held idle.
+CONVERSING_S = 5.0
 
 
 @dataclass(eq=False)
@@ -62,12 +74,23 @@ class SessionEntry:
     detached_since: float | None = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     inflight: int = 0  # appends sent to the engine whose turn has not ended
+    turn_ended_at: float | None = None  # monotonic; the end of its last turn
     snapshot: SessionSnapshot | None = None  # set while offloaded (not resident)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def resident(self) -> bool:
         return self.snapshot is None
+
+    def conversing_until(self) -> float | None:
+        """Until when (monotonic) the session keeps its slot against others that need one: None
+        if it is idle now; +inf while a turn is in flight."""
+        if self.inflight:
+            return float("inf")
+        if self.stream is None or self.turn_ended_at is None:
+            return None
+        until = self.turn_ended_at + CONVERSING_S
+        return until if until > time.monotonic() else None
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,10 @@ class ReplicaSessions:
         if store is not None:
             self.writer = CheckpointWriter(store, on_refused=self._moved_away)
         self._claims: dict[str, asyncio.Lock] = {}  # one claim of a session at a time
+        # Rebuilds waiting for a slot, first come first served (asyncio.Lock wakes in order).
+        self._room_queue = asyncio.Lock()
+        self._rebuilds_waiting = 0
+        self._line_stuck = False  # the first in line found no room: a freed slot is its
 
     async def start(self) -> None:
         """Start checkpointing (with a store) and the idle/expiry sweeps."""
@@ -106,6 +133,8 @@ class ReplicaSessions:
     async def open(self, owner: str = "") -> Attached:
         self._refuse_while_draining()
         session_id = new_session_id(self.replica_id)
+        if self._line_stuck:  # rebuilds came first: a freed slot is theirs
+            raise self._no_room(f"{self._rebuilds_waiting} session(s) wait for a slot")
         info = await self._with_room(lambda: _open_unless_left(self.engine, session_id))
         entry = self.entries[session_id] = SessionEntry(session_id, owner, epoch=0)
         if (
@@ -218,19 +247,38 @@ class ReplicaSessions:
             )
 
     async def _rebuild(self, entry: SessionEntry) -> SessionInfo:
-        """Put an offloaded session back into a slot (caller holds its lock)."""
+        """Put an offloaded session back into a slot (caller holds its lock). With no slot to be
+        had, wait in line (first come, first served) for at most REBUILD_WAIT_S; a full line or
+        a wait past it is refused (ArenaFullError, with a retry hint)."""
         snapshot = entry.snapshot
+        if self._rebuilds_waiting >= MAX_QUEUED_REBUILDS:
+            raise self._no_room(f"{self._rebuilds_waiting} session(s) wait for a slot")
         deadline = time.monotonic() + REBUILD_WAIT_S
-        while True:
+        waited = f"waited {REBUILD_WAIT_S:.0f} s for a slot"
+        self._rebuilds_waiting += 1
+        try:
+            try:  # our turn in line (the restore itself is never timed out: see _to_the_end)
+                async with asyncio.timeout(REBUILD_WAIT_S):
+                    await self._room_queue.acquire()
+            except TimeoutError:
+                raise self._no_room(waited) from None
             try:
-                info = await self._with_room(
-                    lambda: _to_the_end(self.engine.restore_session(snapshot))
-                )
-                break
-            except ArenaFullError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+                while True:
+                    try:
+                        info = await self._with_room(
+                            lambda: _to_the_end(self.engine.restore_session(snapshot))
+                        )
+                        break
+                    except ArenaFullError:
+                        if time.monotonic() > deadline:
+                            raise self._no_room(waited) from None
+                        self._line_stuck = True
+                        await asyncio.sleep(0.05)
+            finally:
+                self._line_stuck = False  # the next in line tries for itself
+                self._room_queue.release()
+        finally:
+            self._rebuilds_waiting -= 1
         entry.snapshot = None
         entry.last_active = time.monotonic()
         return info
@@ -244,12 +292,20 @@ class ReplicaSessions:
                 return await make()
             except ArenaFullError:
                 if not await self._offload_least_recent():
-                    raise ArenaFullError(
-                        "every cache slot holds a session with a request in flight"
-                    ) from None
+                    raise self._no_room() from None
+
+    def _no_room(self, why: str = "") -> ArenaFullError:
+        """The refusal when no slot can be had, with when one may be (the earliest end of a
+        conversation's pause, else CONVERSING_S): "retry in N s", as quotas say it."""
+        now = time.monotonic()
+        ends = [e.conversing_until() for e in self.entries.values() if e.resident]
+        pauses = [until - now for until in ends if until is not None and until != float("inf")]
+        retry_s = max(1.0, min(pauses, default=CONVERSING_S))
+        reason = why or "every cache slot holds a session in a conversation"
+        return ArenaFullError(f"{reason}; retry in {retry_s:.0f} s")
 
     async def _offload_least_recent(self) -> bool:
-        idle = [e for e in self.entries.values() if e.resident and e.inflight == 0]
+        idle = [e for e in self.entries.values() if e.resident and e.conversing_until() is None]
         # Detached sessions first, then the least recently active.
         idle.sort(key=lambda e: (e.stream is not None, e.last_active))
         for entry in idle:
@@ -320,7 +376,7 @@ class ReplicaSessions:
         entry = self.entries.get(session_id)
         if entry is not None:
             entry.inflight = max(0, entry.inflight - 1)
-            entry.last_active = time.monotonic()
+            entry.last_active = entry.turn_ended_at = time.monotonic()
 
     async def close(self, session_id: str) -> int:
         """End the session everywhere; returns its final stream position."""

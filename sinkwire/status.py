@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 # A status message travels in a trailer (grpc-message), and trailers are small (16 KiB hard limit
@@ -22,6 +24,17 @@ def quoted(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+# How a refusal that passes says when to try again: RESOURCE_EXHAUSTED for a full service or a key
+# over its tokens_per_s quota ends its message with "retry in N s" (whole seconds).
+_RETRY_HINT = re.compile(r"retry in (\d+) s")
+
+
+def retry_after_s(message: str) -> float | None:
+    """The seconds a status message says to wait before trying again, or None."""
+    found = _RETRY_HINT.search(message)
+    return float(found.group(1)) if found else None
 
 
 class StreamError(Exception):
