@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def _add_setting_options(
         default = defaults.get(name, f.default)
         if default is dataclasses.MISSING:
             default = "random"
+        if default == "":  # resolved when the settings are made (session_store: the environment)
+            default = getattr(_effective_defaults(), name, "")
         help_text = f.metadata.get("help", "")
         if default is not None:
             help_text += f" (default: {default})"
@@ -54,6 +57,14 @@ def _add_setting_options(
 
 
 _ALIASES = {"session_ttl_s": ("--session-ttl",)}
+
+
+@functools.cache
+def _effective_defaults() -> Any:
+    """The settings as given nothing: defaults that depend on the environment, resolved."""
+    from deployments.settings import AppSettings
+
+    return AppSettings.from_args({})
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -298,7 +309,7 @@ def _chat(args: argparse.Namespace) -> int:
         else:
             session = Session.open(args.target, credentials=_credentials(args))
     except SessionError as error:
-        raise SystemExit(f"cannot start the session: {error}") from None
+        raise SystemExit(_cannot_start(args.target, error)) from None
     opened = session.opened
     print(
         f"session {opened.session_id} on replica {opened.replica_id} "
@@ -323,7 +334,8 @@ def _chat(args: argparse.Namespace) -> int:
                 session.disconnect()
                 return 0
             if line.strip() == "/close":
-                session.close()
+                position = session.close()
+                print(f"session {opened.session_id} closed (stream position {position})")
                 return 0
             if not line.strip():
                 continue
@@ -347,7 +359,16 @@ def _loadtest(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from sinkserve.loadtest import LoadConfig, plot, run, summary, write_json
+    from sinkserve.loadtest import (
+        DRAIN_S,
+        LoadConfig,
+        oversubscription_warning,
+        plot,
+        run,
+        service_slots,
+        summary,
+        write_json,
+    )
 
     config = LoadConfig(
         target=args.target,
@@ -368,6 +389,19 @@ def _loadtest(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
 
     def live(point, stats) -> None:
+def _cannot_start(target: str, error: Any) -> str:
+    """Why a chat could not start, in one line; for a target where nothing answers, what to do."""
+    import grpc
+
+    if error.code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in error.details:
+        return (
+            f"sinkserve: error: nothing answers at {target}: start a service there with "
+            "`sinkserve serve` (it prints `ready` when clients can connect), or give --target "
+            "HOST:PORT of a running one"
+        )
+    return f"sinkserve: error: cannot start the session: {error}"
+
+
         ttft = point["ttft_ms_p50"]
         console.print(
             f"t={point['t']:6.1f}s  active {point['active_sessions']:5d}  opened {stats.opened:5d}  "
@@ -402,8 +436,18 @@ def _loadtest(args: argparse.Namespace) -> int:
         ],
         (
             "replica RSS growth after warm-up",
+            soft_wrap=True,
             f"{data['server']['replica_rss_growth_after_warmup_pct'] or 0:+.2f}%",
         ),
+    warning = oversubscription_warning(config.sessions, asyncio.run(service_slots(config)))
+    if warning:
+        console.print(f"sinkserve: warning: {warning}", highlight=False, soft_wrap=True)
+    console.print(
+        f"{config.sessions} sessions: {config.ramp_s:g} s ramp + {config.duration_s:g} s, then at "
+        f"most {DRAIN_S:g} s for turns in flight to finish",
+        highlight=False,
+        soft_wrap=True,
+    )
         (
             "gateway RSS growth after warm-up",
             f"{data['server']['gateway_rss_growth_after_warmup_pct'] or 0:+.2f}%",
@@ -414,6 +458,21 @@ def _loadtest(args: argparse.Namespace) -> int:
     Console().print(table)
     for code, details in sorted(data["error_details"].items()):
         console.print(f"first {code}: {details}", highlight=False)
+        *(
+            [("refusal answered in p99 (ms)", f"{data['refusal_ms']['p99']:.1f}")]
+            if data["opens_refused"]
+            else []
+        ),
+        (
+            "service saturated",
+            f"yes ({data['slots_full_pct']:.0f}% of samples with every slot taken)"
+            if data["saturated"] and data["slots_full_pct"] is not None
+            else "yes"
+            if data["saturated"]
+            else "no",
+        ),
+        ("sessions cut at the end (still busy after the drain)", data["sessions_cut_at_end"]),
+        ("run time (s)", f"{data['elapsed_s']:.1f}"),
     if args.json:
         write_json(data, Path(args.json))
     if args.plot:
@@ -442,6 +501,8 @@ def _stats(args: argparse.Namespace) -> int:
 
     def table():
         try:
+    if data["refusal_details"]:
+        console.print(f"first refusal: {data['refusal_details']}", highlight=False)
             stats = fetch_stats(args.target, args.timeout, _credentials(args))
             return stats_table(stats, args.target)
         except grpc.RpcError as error:

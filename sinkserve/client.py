@@ -305,16 +305,17 @@ class AsyncSession:
     async def cancel(self) -> None:
         await self.send(pb.ClientMessage(cancel=pb.Cancel()))
 
-    async def close(self) -> None:
-        """End the session on the server (frees its slot) and the stream."""
+    async def close(self) -> int | None:
+        """End the session on the server (frees its slot) and the stream; the session's final
+        stream position."""
         try:
             for _ in range(2):  # once more on a resumed stream if the first one broke
                 try:
                     await self.send(pb.ClientMessage(close=pb.Close()))
-                    while not (await self.receive()).HasField("closed"):
+                    while not (message := await self.receive()).HasField("closed"):
                         pass
                     await self._call.done_writing()
-                    return
+                    return message.closed.stream_position
                 except StreamResumed:
                     continue
         finally:
@@ -495,14 +496,14 @@ class Session:
     def cancel(self) -> None:
         self.send(pb.ClientMessage(cancel=pb.Cancel()))
 
-    def close(self) -> None:
+    def close(self) -> int | None:
         try:
             for _ in range(2):
                 try:
                     self.send(pb.ClientMessage(close=pb.Close()))
-                    while not self.receive().HasField("closed"):
+                    while not (message := self.receive()).HasField("closed"):
                         pass
-                    return
+                    return message.closed.stream_position
                 except StreamResumed:
                     continue
         finally:

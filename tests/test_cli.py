@@ -52,7 +52,15 @@ def test_serve_prints_ready_chat_talks_and_sigterm_stops_cleanly() -> None:
             lines.append(line)
             if line.startswith("ready "):
                 break
-        assert lines[-1].startswith(f"ready 127.0.0.1:{port}")
+        # The address the README and the clients' --target default say (issue 24), after the
+        # start's progress lines.
+        assert lines[-1].startswith(f"ready localhost:{port} (model tiny, 1 replica(s)"), lines
+        progress = [line for line in lines if line.startswith("sinkserve: ")]
+        assert [line.split("(")[0].strip() for line in progress[:2]] == [
+            "sinkserve: starting Ray",
+            "sinkserve: Ray started",
+        ], lines
+        assert any(line.startswith("sinkserve: replicas up (") for line in progress), lines
 
         chat = subprocess.run(
             [
@@ -72,6 +80,7 @@ def test_serve_prints_ready_chat_talks_and_sigterm_stops_cleanly() -> None:
         )
         assert chat.returncode == 0, chat.stderr
         assert "resume with: --session" in chat.stdout
+        assert "closed (stream position " in chat.stdout.splitlines()[-1]  # /close confirms
 
         serve.send_signal(signal.SIGTERM)
         stopping = time.monotonic()

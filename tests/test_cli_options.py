@@ -139,3 +139,21 @@ def test_stats_against_nothing_is_one_line() -> None:
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"sinkserve: error: 127.0.0.1:{port} did not answer: UNAVAILABLE")
+
+
+def test_chat_against_nothing_says_how_to_start_a_service() -> None:
+    """Not gRPC's raw connection error: that nothing answers there, and what to do (issue 24)."""
+    port = free_port()
+    done = run_sinkserve("chat", "--target", f"localhost:{port}")
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"sinkserve: error: nothing answers at localhost:{port}: "), line
+    assert "`sinkserve serve`" in line
+
+
+def test_serve_help_shows_the_effective_session_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's default is resolved from the environment; the help shows what it resolves to,
+    not an empty default (issue 24)."""
+    monkeypatch.delenv("SINKSERVE_SESSION_STORE", raising=False)
+    text = " ".join(_subcommands()["serve"].format_help().split())
+    assert "else sqlite (default: sqlite)" in text

@@ -18,8 +18,16 @@ import pytest
 
 from deployments.app import build_app
 from deployments.checks import SettingsError, check_port_free
+from deployments.settings import AppSettings
 from sinkcache.models.spec import ModelSpecError, check_model_spec
-from sinkserve.serving import startup_failure
+from sinkserve.serving import (
+    SLOW_START_NOTE_AFTER_S,
+    _Signals,
+    client_address,
+    new_notes,
+    ready_line,
+    startup_failure,
+)
 from tests.service import free_port, run_sinkserve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,6 +168,62 @@ def test_startup_failure_is_the_replicas_own_last_line() -> None:
     assert startup_failure(app) is None  # a note, printed once, not a failure
 
 
+def test_serves_slow_start_note_waits_until_a_start_is_really_slow() -> None:
+    """Serve notes every replica past 30 s of initialisation: a first start on 2 cores, every
+    time. It is shown once the start has taken SLOW_START_NOTE_AFTER_S; other notes at once."""
+    slow = (
+        "Deployment 'SessionReplica' in application 'sinkserve' has 1 replicas that have taken "
+        "more than 30s to initialize. This may be caused by a slow __init__ or reconfigure method."
+    )
+    waiting = "Deployment 'Gateway' has 1 replicas that have taken more than 30s to be scheduled."
+    app = SimpleNamespace(
+        deployments={
+            "SessionReplica": SimpleNamespace(message=slow),
+            "Gateway": SimpleNamespace(message=waiting),
+        }
+    )
+    noted: set[str] = set()
+    assert new_notes(app, noted, elapsed_s=45.0) == [f"sinkserve: note: Gateway: {waiting}"]
+    assert new_notes(app, noted, elapsed_s=60.0) == []  # each once
+    late = new_notes(app, noted, elapsed_s=SLOW_START_NOTE_AFTER_S + 1)
+    assert late == [f"sinkserve: note: SessionReplica: {slow}"]
+
+
+def test_a_signal_during_the_start_is_kept_even_if_its_interrupt_is_swallowed() -> None:
+    """Ray's start can catch the KeyboardInterrupt a Ctrl-C raises (a full run saw a start
+    interrupted 3 s in print ready and serve on): the signal is recorded, and the start's next
+    check raises it again."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = _Signals()
+    try:
+        signals.install()
+        try:  # what a library that swallows the interrupt does
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; the sleep is cut short
+        except KeyboardInterrupt:
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            signals.check()
+        # Once ready, a signal asks for the clean stop instead.
+        ready = _Signals()
+        ready.ready = True
+        ready._handle(signal.SIGTERM, None)
+        assert ready.stop.is_set()
+        ready.check()  # nothing recorded as an interrupted start
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_the_ready_line_names_the_address_clients_default_to() -> None:
+    """`localhost`, as the README and every client's --target default say, for a loopback or
+    wildcard listener; details listed, so another endpoint is one more of them."""
+    settings = AppSettings.from_args({"host": "127.0.0.1", "port": 50051})
+    assert client_address(settings) == "localhost:50051"
+    line = ready_line(client_address(settings), ["model default", "1 replica(s)"])
+    assert line == "ready localhost:50051 (model default, 1 replica(s))"
+
+
 # -- with a real Ray ----------------------------------------------------------------------------
 
 
@@ -178,6 +242,11 @@ def _finish(serve: subprocess.Popen, timeout: float) -> tuple[str, str]:
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
+
+
+def _progress_or_note(line: str) -> bool:
+    """A line of the start's progress ("sinkserve: starting Ray", ...) or a note of Serve's."""
+    return line.startswith("sinkserve: ") and not line.startswith("sinkserve: error: ")
 
 
 def _raylet_of(serve_pid: int, timeout: float) -> int:
@@ -201,13 +270,13 @@ def test_a_replica_that_fails_to_start_ends_the_command_with_its_reason(tmp_path
     out, err = _finish(serve, timeout=300)
     assert serve.returncode == 1, err
     assert "ready" not in out
-    # The reason in one line, last; before it only Serve's notes, one line each, which a busy
-    # box can print (a replica slow to initialise). A full local run once saw a second line here.
+    # The reason in one line, last; before it only the start's progress lines and Serve's
+    # notes, one line each, which a busy box can print (a replica slow to initialise).
     *notes, line = [line for line in err.splitlines() if line.strip()]
     assert line.startswith("sinkserve: error: SessionReplica did not start: the engine process"), (
         err
     )
-    assert all(note.startswith("sinkserve: note: ") for note in notes), err
+    assert all(_progress_or_note(note) for note in notes), err
 
 
 @pytest.mark.slow
@@ -220,7 +289,7 @@ def test_a_local_ray_that_dies_during_the_start_ends_the_command() -> None:
     out, err = _finish(serve, timeout=120)
     assert time.monotonic() - killed < 30
     assert serve.returncode != 0 and "ready" not in out
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not _progress_or_note(line)]
     if len(lines) == 1 and "Failed to register worker to Raylet" in lines[0]:
         # Ray died while this process was registering with it as its driver: Ray's core worker
         # (C++) ends the process at once with its own one line, before the watchdog can speak
