@@ -352,6 +352,19 @@ def _chat(args: argparse.Namespace) -> int:
         return 130
 
 
+def _cannot_start(target: str, error: Any) -> str:
+    """Why a chat could not start, in one line; for a target where nothing answers, what to do."""
+    import grpc
+
+    if error.code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in error.details:
+        return (
+            f"sinkserve: error: nothing answers at {target}: start a service there with "
+            "`sinkserve serve` (it prints `ready` when clients can connect), or give --target "
+            "HOST:PORT of a running one"
+        )
+    return f"sinkserve: error: cannot start the session: {error}"
+
+
 def _loadtest(args: argparse.Namespace) -> int:
     """Endless conversations from many sessions at once; live progress, a final table, JSON."""
     import asyncio
@@ -389,27 +402,24 @@ def _loadtest(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
 
     def live(point, stats) -> None:
-def _cannot_start(target: str, error: Any) -> str:
-    """Why a chat could not start, in one line; for a target where nothing answers, what to do."""
-    import grpc
-
-    if error.code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in error.details:
-        return (
-            f"sinkserve: error: nothing answers at {target}: start a service there with "
-            "`sinkserve serve` (it prints `ready` when clients can connect), or give --target "
-            "HOST:PORT of a running one"
-        )
-    return f"sinkserve: error: cannot start the session: {error}"
-
-
         ttft = point["ttft_ms_p50"]
         console.print(
             f"t={point['t']:6.1f}s  active {point['active_sessions']:5d}  opened {stats.opened:5d}  "
             f"lost {stats.lost}  errors {sum(stats.errors.values())}  turns {stats.turns:7d}  "
             f"{point['tokens_per_s']:8.0f} tok/s  ttft p50 {'-' if ttft is None else f'{ttft:.0f} ms'}",
             highlight=False,
+            soft_wrap=True,
         )
 
+    warning = oversubscription_warning(config.sessions, asyncio.run(service_slots(config)))
+    if warning:
+        console.print(f"sinkserve: warning: {warning}", highlight=False, soft_wrap=True)
+    console.print(
+        f"{config.sessions} sessions: {config.ramp_s:g} s ramp + {config.duration_s:g} s, then at "
+        f"most {DRAIN_S:g} s for turns in flight to finish",
+        highlight=False,
+        soft_wrap=True,
+    )
     stats = asyncio.run(run(config, live))
     data = summary(config, stats)
     table = Table(title=f"sinkserve loadtest: {args.sessions} sessions against {args.target}")
@@ -420,6 +430,21 @@ def _cannot_start(target: str, error: Any) -> str:
         ("sessions lost", data["sessions_lost"]),
         ("sessions resumed after a broken stream", data["sessions_resumed"]),
         ("opens refused (no free slot)", data["opens_refused"]),
+        *(
+            [("refusal answered in p99 (ms)", f"{data['refusal_ms']['p99']:.1f}")]
+            if data["opens_refused"]
+            else []
+        ),
+        (
+            "service saturated",
+            f"yes ({data['slots_full_pct']:.0f}% of samples with every slot taken)"
+            if data["saturated"] and data["slots_full_pct"] is not None
+            else "yes"
+            if data["saturated"]
+            else "no",
+        ),
+        ("sessions cut at the end (still busy after the drain)", data["sessions_cut_at_end"]),
+        ("run time (s)", f"{data['elapsed_s']:.1f}"),
         ("opens failed", data["opens_failed"]),
         ("errors", ", ".join(f"{k} {v}" for k, v in sorted(data["errors"].items())) or 0),
         ("turns", data["turns"]),
@@ -436,18 +461,8 @@ def _cannot_start(target: str, error: Any) -> str:
         ],
         (
             "replica RSS growth after warm-up",
-            soft_wrap=True,
             f"{data['server']['replica_rss_growth_after_warmup_pct'] or 0:+.2f}%",
         ),
-    warning = oversubscription_warning(config.sessions, asyncio.run(service_slots(config)))
-    if warning:
-        console.print(f"sinkserve: warning: {warning}", highlight=False, soft_wrap=True)
-    console.print(
-        f"{config.sessions} sessions: {config.ramp_s:g} s ramp + {config.duration_s:g} s, then at "
-        f"most {DRAIN_S:g} s for turns in flight to finish",
-        highlight=False,
-        soft_wrap=True,
-    )
         (
             "gateway RSS growth after warm-up",
             f"{data['server']['gateway_rss_growth_after_warmup_pct'] or 0:+.2f}%",
@@ -458,21 +473,8 @@ def _cannot_start(target: str, error: Any) -> str:
     Console().print(table)
     for code, details in sorted(data["error_details"].items()):
         console.print(f"first {code}: {details}", highlight=False)
-        *(
-            [("refusal answered in p99 (ms)", f"{data['refusal_ms']['p99']:.1f}")]
-            if data["opens_refused"]
-            else []
-        ),
-        (
-            "service saturated",
-            f"yes ({data['slots_full_pct']:.0f}% of samples with every slot taken)"
-            if data["saturated"] and data["slots_full_pct"] is not None
-            else "yes"
-            if data["saturated"]
-            else "no",
-        ),
-        ("sessions cut at the end (still busy after the drain)", data["sessions_cut_at_end"]),
-        ("run time (s)", f"{data['elapsed_s']:.1f}"),
+    if data["refusal_details"]:
+        console.print(f"first refusal: {data['refusal_details']}", highlight=False)
     if args.json:
         write_json(data, Path(args.json))
     if args.plot:
@@ -501,8 +503,6 @@ def _stats(args: argparse.Namespace) -> int:
 
     def table():
         try:
-    if data["refusal_details"]:
-        console.print(f"first refusal: {data['refusal_details']}", highlight=False)
             stats = fetch_stats(args.target, args.timeout, _credentials(args))
             return stats_table(stats, args.target)
         except grpc.RpcError as error:
