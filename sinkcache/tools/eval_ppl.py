@@ -6,8 +6,12 @@
               quality oracle: sliding window with re-computation)
   dense       no eviction at all (positions grow past the training window)
 
-Every mode runs through the engine (one session appending the text with scores on), fed one
-token per step by default as the paper's evaluation does.
+Scored one token per step by default, as the paper's evaluation does: each token sees the cache as
+it was at its own position. The streamed modes get those per-token scores from the fast exact
+scorer (sinkcache/tools/exact_nll.py: many tokens per forward, the same NLL to 1e-4 in float32);
+`scorer="engine"` streams through the engine itself (one session appending the text with scores
+on), as does recompute, a `chunk` above 1 (the engine's chunked prefill, which is not per-token)
+and an fp8 arena (the fast scorer keeps keys in the model dtype).
 """
 
 from __future__ import annotations
@@ -23,13 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from sinkcache.config import EngineConfig
+from sinkcache.core.attention.backend import select_backend
 from sinkcache.core.engine import EngineCore
 from sinkcache.events import ScoresEvent, TurnEndEvent
 from sinkcache.host.builder import build_core
 from sinkcache.inputs import TokenInput
 from sinkcache.models.loader import LoadedModel
+from sinkcache.tools.exact_nll import ExactScorer, Visibility
 
 MODES = ("streaming", "window", "recompute", "dense")
+SCORERS = ("fast", "engine")
+FORWARD_TOKENS = 1024  # tokens the fast scorer puts through one forward
+# Dense attention is O(n^2) in time (and its cache O(n)): longer streams are cut here, said where
+# it happens (sinkserve eval-ppl --dense-max-tokens moves it).
+DENSE_MAX_TOKENS = 65_536
 
 # progress(tokens predicted so far, tokens to predict), called as the evaluation goes
 Progress = Callable[[int, int], None]
@@ -48,6 +59,8 @@ class EvalResult:
     seconds: float
     ppl_after: dict[str, float] = field(default_factory=dict)  # ppl over tokens past a position
     segments: list[dict[str, float]] = field(default_factory=list)  # ppl per segment
+    curve: list[dict[str, float]] = field(default_factory=list)  # ppl over log-spaced spans
+    scorer: str = "engine"  # what computed the NLL: "fast" (exact_nll) or "engine"
     nll: list[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -166,10 +179,15 @@ def evaluate(
     base: EngineConfig | None = None,
     recompute_slots: int = 64,
     progress: Progress | None = None,
+    scorer: str = "fast",
+    forward_tokens: int = FORWARD_TOKENS,
 ) -> EvalResult:
     base = base or EngineConfig()
+    used = scorer_for(mode, chunk, base, scorer)
     started = time.perf_counter()
-    if mode in STREAMED:
+    if used == "fast":
+        nll = _fast_scorer(loaded, mode, sink, window, base, forward_tokens).nll(ids, progress)
+    elif mode in STREAMED:
         core, fed = _streamed_core(loaded, ids, mode, sink, window, chunk, base)
         nll = stream_nll(core, ids, fed, progress)
     elif mode == "recompute":
@@ -182,6 +200,7 @@ def evaluate(
     result = EvalResult(
         mode, sink, window, len(ids), chunk, _ppl(nll), loaded.name, text_name, seconds
     )
+    result.scorer = used
     result.nll = nll
     train = loaded.shape.max_position_embeddings
     if len(ids) > train + 1:
@@ -193,7 +212,42 @@ def evaluate(
         {"start": i + 1, "end": min(i + step, len(nll)) + 1, "ppl": _ppl(nll[i : i + step])}
         for i in range(0, len(nll), step)
     ]
+    result.curve = log_curve(nll)
     return result
+
+
+def log_curve(
+    nll: list[float], per_decade: int = 20, min_tokens: int = 64
+) -> list[dict[str, float]]:
+    """Perplexity over consecutive spans of the stream that end at log-spaced token counts (about
+    `per_decade` to a decade, none narrower than `min_tokens`): the shape of a log-x plot, as the
+    StreamingLLM paper draws its million-token figure."""
+    spans, start = [], 0
+    while start < len(nll):
+        end = max(start + min_tokens, round(10 ** (math.log10(start + 1) + 1 / per_decade)))
+        end = min(end, len(nll))
+        spans.append({"start": start + 1, "end": end + 1, "ppl": _ppl(nll[start:end])})
+        start = end
+    return spans
+
+
+def scorer_for(mode: str, chunk: int, base: EngineConfig, scorer: str) -> str:
+    """The scorer that runs: `scorer` ("fast" or "engine"), except that only a streamed mode fed
+    one token per step into a plain arena has a fast exact path."""
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; scorers: {', '.join(SCORERS)}")
+    if scorer == "fast" and mode in STREAMED and chunk == 1 and base.kv_dtype == "auto":
+        return "fast"
+    return "engine"
+
+
+def _fast_scorer(
+    loaded: LoadedModel, mode: str, sink: int, window: int, base: EngineConfig, forward_tokens: int
+) -> ExactScorer:
+    device = loaded.model.embed_tokens.weight.device
+    backend = select_backend(device, base.attention)
+    visibility = Visibility.for_mode(mode, sink, window)
+    return ExactScorer(loaded.model, backend, visibility, forward_tokens)
 
 
 STREAMED = ("streaming", "window", "dense")
@@ -228,12 +282,22 @@ def estimate_seconds(
     recompute_slots: int = 64,
     sample_tokens: int = 32,
     sample_windows: int = 8,
+    scorer: str = "fast",
+    forward_tokens: int = FORWARD_TOKENS,
 ) -> float:
     """How long `evaluate` will take for this mode, from a short run of the same mode on this
     machine (a few seconds): streamed modes time `sample_tokens` tokens fed as in the run,
     recompute times `sample_windows` full windows and scales by the tokens all windows prefill.
+    The fast scorer is timed on its second forward (the first pays warm-up).
     Dense attention slows as the stream grows, so that estimate is a lower bound."""
     base = base or EngineConfig()
+    if scorer_for(mode, chunk, base, scorer) == "fast":
+        fast = _fast_scorer(loaded, mode, sink, window, base, forward_tokens)
+        marks = [(0, time.perf_counter())]  # (tokens scored, when)
+        sample = ids[: min(len(ids), 2 * forward_tokens + 1)]
+        fast.nll(sample, lambda done, _total: marks.append((done, time.perf_counter())))
+        (done0, t0), (done1, t1) = marks[-2:]  # the last forward: warm unless it is the only one
+        return (t1 - t0) / max(1, done1 - done0) * (len(ids) - 1)
     if mode in STREAMED:
         sample = ids[: min(len(ids), sample_tokens + 1)]
         core, fed = _streamed_core(loaded, ids, mode, sink, window, chunk, base)
@@ -287,8 +351,11 @@ def write_nll(results: list[EvalResult], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(results: list[EvalResult], path: Path, train_window: int | None = None) -> None:
-    """Perplexity over the stream (per segment) for each mode, log scale."""
+def plot(
+    results: list[EvalResult], path: Path, train_window: int | None = None, log_x: bool = False
+) -> None:
+    """Perplexity over the stream (per segment) for each mode, log scale; with `log_x` over
+    log-spaced spans (`EvalResult.curve`) on a log token axis, as the paper's long-stream figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,10 +363,14 @@ def plot(results: list[EvalResult], path: Path, train_window: int | None = None)
 
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in results:
-        xs = [s["end"] for s in r.segments]
-        ys = [s["ppl"] for s in r.segments]
+        spans = r.curve if log_x and r.curve else r.segments
+        xs = [s["end"] for s in spans]
+        ys = [s["ppl"] for s in spans]
         chunk = f", chunk {r.chunk}" if r.chunk != 1 else ""
-        label = f"{r.mode}: {cache_description(r.mode, r.sink, r.window)}{chunk} (ppl {r.ppl:.2f})"
+        cut = f", first {r.tokens:,} tokens" if r.tokens < max(x.tokens for x in results) else ""
+        label = (
+            f"{r.mode}: {cache_description(r.mode, r.sink, r.window)}{chunk}{cut} (ppl {r.ppl:.2f})"
+        )
         ax.plot(xs, ys, marker=".", label=label)
     # The training-window line only where the run reaches it: on a short run it would stretch the
     # x-axis and squeeze the data to its left.
@@ -308,10 +379,13 @@ def plot(results: list[EvalResult], path: Path, train_window: int | None = None)
         ax.axvline(
             train_window, color="grey", linestyle=":", label=f"training window {train_window}"
         )
-    ax.set_xlim(0, max(streamed, 1) * 1.02)
+    if log_x:
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(0, max(streamed, 1) * 1.02)
     ax.set_yscale("log")
     ax.set_xlabel("tokens streamed")
-    ax.set_ylabel("perplexity (per segment)")
+    ax.set_ylabel("perplexity (per span of the stream)" if log_x else "perplexity (per segment)")
     r0 = results[0]
     fed = "1 token" if r0.chunk == 1 else f"up to {r0.chunk} tokens"
     ax.set_title(f"{r0.model} model, {r0.text}, cache {r0.sink}+{r0.window}, fed {fed} per step")
