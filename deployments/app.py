@@ -1,4 +1,5 @@
-"""The Serve application: a gateway per node, the session replicas, and their directory.
+"""The Serve application: gateways (two per node by default), the session replicas, and their
+directory.
 
 serve run deployments.app:build_app model=tiny replicas=2 port=50051
 # KubeRay serveConfigV2: import_path: deployments.app:build_app, args: {...}

@@ -378,12 +378,12 @@ class GatewayService:
             response.slots_used += answer.slots_used
             response.slots_free += answer.slots_free
             response.sessions_offloaded += answer.sessions_offloaded
-        response.sessions_stored = -1
+        response.sessions_stored = response.store_rows = response.store_bytes = -1
         if self.store is not None:
             with contextlib.suppress(StoreUnavailableError, TimeoutError):
-                response.sessions_stored = await asyncio.wait_for(
-                    self.store.count(), STORE_TIMEOUT_S
-                )
+                usage = await asyncio.wait_for(self.store.usage(), STORE_TIMEOUT_S)
+                response.sessions_stored = usage.live
+                response.store_rows, response.store_bytes = usage.rows, usage.bytes
         return response
 
     async def close(self) -> None:

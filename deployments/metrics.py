@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from deployments.store import StoreUsage
 from sinkcache.host.protocol import EngineStats
 
 STEP_MS_BOUNDARIES = [0.5, 1, 2, 3, 5, 8, 12, 20, 35, 50, 80, 120, 200, 350, 500, 1000]
@@ -45,6 +46,17 @@ class ReplicaMetrics:
         self.step_ms = Histogram(
             "sinkserve_step_ms", "engine step latency (ms)", STEP_MS_BOUNDARIES, tag_keys=keys
         )
+        self.store_rows = Gauge(
+            "sinkserve_store_rows",
+            "records in the session store, expired ones not yet swept included (the store is "
+            "shared: every replica reports the same)",
+            tag_keys=keys,
+        )
+        self.store_bytes = Gauge(
+            "sinkserve_store_bytes",
+            "the session store's size: SQLite file and WAL, or Redis keys' memory",
+            tag_keys=keys,
+        )
         self._last: dict[str, int] = {}
 
     def record(
@@ -53,9 +65,13 @@ class ReplicaMetrics:
         new_step_seconds: list[float] = (),
         offloaded: int = 0,
         checkpoint_failures: int = 0,
+        store_usage: StoreUsage | None = None,
     ) -> None:
         """Refresh from an engine's stats snapshot (call once a second)."""
         tags = self.tags
+        if store_usage is not None:
+            self.store_rows.set(store_usage.rows, tags=tags)
+            self.store_bytes.set(store_usage.bytes, tags=tags)
         self.sessions.set(stats.sessions, tags=tags)
         self.offloaded.set(offloaded, tags=tags)
         failed = checkpoint_failures - self._last.get("checkpoint_failures", 0)

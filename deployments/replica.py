@@ -18,7 +18,7 @@ from ray import serve
 from deployments.metrics import ReplicaMetrics
 from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
-from deployments.store import open_store
+from deployments.store import StoreUpkeep, open_store
 from sinkcache.errors import EngineStoppedError
 
 log = logging.getLogger("ray.serve")
@@ -48,8 +48,11 @@ class SessionReplica:
         self.address = f"{host}:{port}"
         self.directory = directory
         self._last_stats = None
+        # Expired sessions leave the store (one sweep per period for the whole service).
+        self.upkeep = StoreUpkeep(store) if store is not None else None
         self._tasks = [
             loop.create_task(self.sessions.sweep()),
+            *([loop.create_task(self.upkeep.run())] if self.upkeep is not None else []),
             loop.create_task(self._heartbeat()),
             loop.create_task(self._record_metrics()),
         ]
@@ -103,6 +106,7 @@ class SessionReplica:
                     checkpoint_failures=self.sessions.writer.failures
                     if self.sessions.writer
                     else 0,
+                    store_usage=self.upkeep.usage if self.upkeep is not None else None,
                 )
             except EngineStoppedError:
                 return  # the health check reports the engine's end; Serve replaces the replica

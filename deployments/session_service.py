@@ -241,7 +241,9 @@ class SessionServicer(pb_grpc.StreamingLLMServicer):
             slots_used=stats.slots_used,
             slots_free=stats.slots_free,
             sessions_offloaded=stats.sessions_offloaded,
-            sessions_stored=-1,
+            sessions_stored=-1,  # the gateway's answer says (it asks the store once)
+            store_rows=-1,
+            store_bytes=-1,
         )
 
 

@@ -30,7 +30,7 @@ from deployments.internal import gateway_metadata, internal_token
 from deployments.secrets import check_resume_secret
 from deployments.session_service import start_replica_server
 from deployments.settings import AppSettings
-from deployments.store import open_store
+from deployments.store import StoreUpkeep, open_store
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 
@@ -56,10 +56,13 @@ async def run_replica(settings: AppSettings, host: str, port: int, replica_id: s
         engine, replica_id, settings, port, store=store, host=host
     )
     sweep = loop.create_task(sessions.sweep())
+    upkeep = loop.create_task(StoreUpkeep(store).run()) if store is not None else None
     print(f"ready replica {replica_id} on port {bound}", flush=True)
     await _until_signal()
     await sessions.drain(settings.drain_timeout_s)
     sweep.cancel()
+    if upkeep is not None:
+        upkeep.cancel()
     sessions.end_streams()
     await server.stop(grace=2)
     await engine.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from deployments.store.record import SessionRecord
@@ -10,6 +11,15 @@ from deployments.store.record import SessionRecord
 
 class StoreUnavailableError(Exception):
     """The store could not be reached or did not answer in time; the caller may retry later."""
+
+
+@dataclass(frozen=True)
+class StoreUsage:
+    """How big a store is: what `Stats` and the metrics show, to see it stays bounded."""
+
+    live: int  # sessions not yet expired (what a resume can find)
+    rows: int  # records held, expired ones not yet removed included
+    bytes: int  # on disk (SQLite: the file and its WAL) or in memory (Redis: its keys)
 
 
 @runtime_checkable
@@ -39,6 +49,15 @@ class SessionStore(Protocol):
 
     async def count(self) -> int:
         """Sessions the store holds now (not yet expired)."""
+        ...
+
+    async def usage(self) -> StoreUsage: ...
+
+    async def expire_due(self, every_s: float) -> int | None:
+        """Remove expired records unless some process of the service did within `every_s`: one
+        sweep per period for the whole store, by whichever process asks first (nothing is held,
+        so a process that dies leaves nothing to wait for). Returns how many were removed, or
+        None when it was not this call's turn (or the backend expires records by itself)."""
         ...
 
     async def close(self) -> None: ...

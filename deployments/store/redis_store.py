@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from deployments.store.protocol import StoreUnavailableError
+from deployments.store.protocol import StoreUnavailableError, StoreUsage
 from deployments.store.record import SessionRecord
 
 DEFAULT_KEY_PREFIX = "sinkserve:session:"
@@ -146,6 +146,23 @@ class RedisSessionStore:
                 key async for key in self._redis.scan_iter(match=f"{self._key_prefix}*", count=1000)
             }
         return len(keys)
+
+    async def usage(self) -> StoreUsage:
+        """Keys by SCAN, bytes by MEMORY USAGE of each (one pipelined round trip): linear in the
+        keys, for Stats. Every key has a TTL (each write sets it), so Redis expires them."""
+        with self._unavailable_on_failure():
+            keys = {
+                key async for key in self._redis.scan_iter(match=f"{self._key_prefix}*", count=1000)
+            }
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.memory_usage(key)
+                sizes = await pipe.execute(raise_on_error=False)
+        used = sum(size for size in sizes if isinstance(size, int))
+        return StoreUsage(live=len(keys), rows=len(keys), bytes=used)
+
+    async def expire_due(self, every_s: float) -> int | None:
+        return None  # Redis expires every key by its TTL
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -4,13 +4,20 @@ The replicas of one `sinkserve serve` open the same file, so a session checkpoin
 that dies can be rebuilt by another, and all of them survive a restart of the whole service. Each
 store keeps one connection on one worker thread: sqlite3 connections are not for sharing across
 threads, and the event loop must never wait on the disk or on another process's write lock.
+
+The file stays bounded: expired rows are deleted by one sweep per period for the whole file
+(`expire_due`: the `upkeep` row says when the last one ran, and whichever process finds it due
+takes it in the same transaction), their pages are reused or handed back (incremental vacuum on a
+file made with it), and the WAL is checkpointed and truncated after each sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from deployments.store.protocol import StoreUnavailableError
+from deployments.store.protocol import StoreUnavailableError, StoreUsage
 from deployments.store.record import SessionRecord
 
 _Result = TypeVar("_Result")
@@ -36,7 +43,15 @@ CREATE TABLE IF NOT EXISTS sessions (
     record BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_written_at ON sessions (written_at);
+CREATE TABLE IF NOT EXISTS upkeep (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    swept_at REAL NOT NULL
+);
+INSERT OR IGNORE INTO upkeep (id, swept_at) VALUES (0, 0);
 """
+# A checkpoint that resets the WAL also truncates it to this size.
+_WAL_LIMIT_BYTES = 4 * 1024 * 1024
+CHECKPOINT_WAIT_MS = 200  # how long a sweep's WAL truncation waits for the file's other users
 
 # A stored row of a higher epoch is kept (fencing) unless it has expired, which counts as absent.
 _PUT = """
@@ -144,16 +159,26 @@ class SqliteSessionStore:
         return await self._on_worker(count_live)
 
     async def expire(self) -> int:
-        """Delete expired rows (reads already ignore them; this keeps the file small). Returns how many."""
+        """Delete expired rows now (reads already ignore them; this keeps the file small), then
+        give their pages back and truncate the WAL. Returns how many."""
+        return await self._on_worker(self._sweep)
 
-        def sweep(connection: sqlite3.Connection) -> int:
-            with _write_transaction(connection):
-                cursor = connection.execute(
-                    "DELETE FROM sessions WHERE written_at <= ?", (time.time() - self.ttl_s,)
-                )
-            return cursor.rowcount
+    async def expire_due(self, every_s: float) -> int | None:
+        return await self._on_worker(lambda connection: self._sweep(connection, every_s))
 
-        return await self._on_worker(sweep)
+    async def usage(self) -> StoreUsage:
+        def measure(connection: sqlite3.Connection) -> StoreUsage:
+            live, rows = connection.execute(
+                "SELECT count(*) FILTER (WHERE written_at > ?), count(*) FROM sessions",
+                (time.time() - self.ttl_s,),
+            ).fetchone()
+            size = 0
+            for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    size += os.stat(path).st_size
+            return StoreUsage(live=live, rows=rows, bytes=size)
+
+        return await self._on_worker(measure)
 
     async def close(self) -> None:
         if self._closed:
@@ -179,6 +204,36 @@ class SqliteSessionStore:
         except (sqlite3.Error, OSError) as error:
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise StoreUnavailableError(f"session store {self.path}: {message}") from None
+
+    def _sweep(self, connection: sqlite3.Connection, every_s: float | None = None) -> int | None:
+        """Delete rows past the TTL; with `every_s`, only when no process has swept the file
+        within it (the `upkeep` row is taken in the same transaction, so two processes never
+        both sweep). Then free pages go back (incremental vacuum) and the WAL is checkpointed and
+        truncated."""
+        now = time.time()
+        with _write_transaction(connection):
+            if every_s is not None:
+                due = connection.execute(
+                    "UPDATE upkeep SET swept_at = ? WHERE id = 0 AND"
+                    " (swept_at <= ? OR swept_at > ?)",  # the second: the clock went back
+                    (now, now - every_s, now + every_s),
+                )
+                if due.rowcount == 0:
+                    return None
+            removed = connection.execute(
+                "DELETE FROM sessions WHERE written_at <= ?", (now - self.ttl_s,)
+            ).rowcount
+        if removed:
+            connection.execute("PRAGMA incremental_vacuum").fetchall()
+        # TRUNCATE waits for every reader and writer of the file: briefly, since this worker's
+        # checkpoint writes queue behind it. A busy answer only means the WAL is truncated at a
+        # later sweep (journal_size_limit bounds it meanwhile).
+        connection.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+        try:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            connection.execute(f"PRAGMA busy_timeout = {round(self._busy_timeout_s * 1000)}")
+        return removed
 
     def _with_connection(self, work: Callable[[sqlite3.Connection], _Result]) -> _Result:
         if self._connection is None:
@@ -213,10 +268,14 @@ def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
 
 
 def _set_up(connection: sqlite3.Connection, path: Path) -> None:
+    # Only takes on a new file (before its first table): expired rows' pages can then be handed
+    # back to the filesystem. An older file reuses them for new rows instead.
+    connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
     (journal_mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
     if journal_mode != "wal":  # e.g. a network filesystem: still correct, readers then wait
         logger.warning("session store %s: journal_mode is %s, not wal", path, journal_mode)
     connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT_BYTES}")
     # Table and index in one transaction that takes the write lock up front (as
     # _write_transaction does), so a second process never sees one without the other.
     connection.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")

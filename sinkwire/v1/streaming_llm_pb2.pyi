@@ -188,7 +188,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free", "gateway_rss_bytes", "sessions_offloaded", "sessions_stored", "gateway_hostname", "gateway_pid")
+    __slots__ = ("replicas", "sessions", "slots_total", "slots_used", "slots_free", "gateway_rss_bytes", "sessions_offloaded", "sessions_stored", "gateway_hostname", "gateway_pid", "store_rows", "store_bytes")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,8 @@ class StatsResponse(_message.Message):
     SESSIONS_STORED_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_PID_FIELD_NUMBER: _ClassVar[int]
+    STORE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
     sessions: int
     slots_total: int
@@ -209,7 +211,9 @@ class StatsResponse(_message.Message):
     sessions_stored: int
     gateway_hostname: str
     gateway_pid: int
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., sessions_stored: _Optional[int] = ..., gateway_hostname: _Optional[str] = ..., gateway_pid: _Optional[int] = ...) -> None: ...
+    store_rows: int
+    store_bytes: int
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_free: _Optional[int] = ..., gateway_rss_bytes: _Optional[int] = ..., sessions_offloaded: _Optional[int] = ..., sessions_stored: _Optional[int] = ..., gateway_hostname: _Optional[str] = ..., gateway_pid: _Optional[int] = ..., store_rows: _Optional[int] = ..., store_bytes: _Optional[int] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
     __slots__ = ("replica_id", "sessions", "slots_total", "slots_used", "slots_free", "generated_tokens", "steps", "step_ms_p50", "kv_bytes", "device", "model", "process_rss_bytes", "decode_tokens", "prefill_tokens", "sessions_offloaded", "checkpoints_written", "checkpoint_failures", "draining", "hostname", "pid", "engine_pid", "sessions_by_key", "decode_held")
