@@ -6,7 +6,7 @@ sizes `tl.dot` refuses. This script installs a stand-in driver that reports an s
 turns every launch into a compile (Triton's own `warmup` path, down to a cubin through the ptxas
 Triton ships), then runs real engine paths on CPU tensors: the graph decode step (decode_prep and
 the op kernels, at 1, 128 and 256 rows), a mixed step and a prefill step, with an arena in the
-model dtype and an fp8 arena. Outputs are garbage (nothing runs); what matters is that every
+model dtype and an fp8 arena, and a Qwen3 layer (its per-head q/k norm). Outputs are garbage (nothing runs); what matters is that every
 kernel compiles. For each it prints registers, spills and shared memory (cuobjdump's report).
 
     python bench/compile_check.py
@@ -32,7 +32,7 @@ from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from sinkcache.config import PRESETS, CacheGeometry
+from sinkcache.config import PRESETS, CacheGeometry, ModelShape
 from sinkcache.core.arena import FP8, KVArena
 from sinkcache.core.attention.backend import triton_backend
 from sinkcache.core.model import Transformer
@@ -86,6 +86,22 @@ def resources(kernel) -> str:
     )
 
 
+# Qwen3-0.6B's layer shape: its per-head q/k norm runs the norm kernel on head_dim-wide rows.
+QWEN3_0_6B = ModelShape(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    qk_norm=True,
+    family="qwen3",
+)
+
+
 def small(shape, layers: int = 1, vocab: int = 512):
     """The preset's layer shapes with fewer layers and a small vocabulary (CPU memory)."""
     return shape.replace(num_layers=layers, vocab_size=vocab, tie_word_embeddings=False)
@@ -119,6 +135,7 @@ def main() -> int:
         ("smollm2 fp8", small(PRESETS["smollm2-135m"]), FP8, 256),
         ("llama3-8b", small(PRESETS["llama3-8b"]), None, 128),
         ("llama3-8b fp8", small(PRESETS["llama3-8b"]), FP8, 1),
+        ("qwen3 q/k norm", small(QWEN3_0_6B), None, 128),
     ]
     failures = 0
     for name, shape, kv_dtype, rows in cases:
