@@ -515,6 +515,14 @@ def _loadtest(args: argparse.Namespace) -> int:
             f"reply tokens lost {data['lost_reply_tokens']}",
         ]
         Console().print("chaos: " + "; ".join(rows), highlight=False)
+    if data["sessions_opened"] and not data["turns"]:
+        console.print(
+            "sinkserve: error: no turn ended within the run: the service is slower than the load "
+            "asked of it (try fewer --sessions or --max-new-tokens, or a longer --duration)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
     # Errors a session recovered from (its stream broke, it resumed) are not failures.
     return 0 if data["sessions_lost"] == 0 and data["opens_failed"] == 0 else 1
 
