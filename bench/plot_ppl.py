@@ -1,6 +1,7 @@
 """Merge per-mode `sinkserve eval-ppl --json` files into one table and one plot.
 
 python bench/plot_ppl.py docs/ppl_*.json --plot docs/ppl_vs_tokens.png --json docs/ppl.json
+python bench/plot_ppl.py ppl_1m_*.json --log-x --plot ppl_vs_tokens_1m.png  # a million tokens
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--train-window", type=int, default=8192)
+    parser.add_argument(
+        "--log-x", action="store_true", help="log token axis over log-spaced spans (long streams)"
+    )
     args = parser.parse_args()
     results = load(args.inputs)
     after = sorted({k for r in results for k in r.ppl_after})
@@ -40,7 +44,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps([r.summary() for r in results], indent=2) + "\n")
     if args.plot:
-        plot(results, args.plot, args.train_window)
+        plot(results, args.plot, args.train_window, args.log_x)
 
 
 if __name__ == "__main__":

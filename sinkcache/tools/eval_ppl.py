@@ -288,13 +288,17 @@ def estimate_seconds(
     """How long `evaluate` will take for this mode, from a short run of the same mode on this
     machine (a few seconds): streamed modes time `sample_tokens` tokens fed as in the run,
     recompute times `sample_windows` full windows and scales by the tokens all windows prefill.
-    The fast scorer is timed on its second forward (the first pays warm-up).
+    The fast scorer is timed on its second forward (the first pays warm-up), a short stream's on
+    forwards shorter than the run's (an overestimate).
     Dense attention slows as the stream grows, so that estimate is a lower bound."""
     base = base or EngineConfig()
     if scorer_for(mode, chunk, base, scorer) == "fast":
-        fast = _fast_scorer(loaded, mode, sink, window, base, forward_tokens)
+        # Two forwards of at most an eighth of the stream each, so that a short run is not timed
+        # by running it; the second one is warm.
+        forward = max(16, min(forward_tokens, (len(ids) - 1) // 16))
+        fast = _fast_scorer(loaded, mode, sink, window, base, forward)
         marks = [(0, time.perf_counter())]  # (tokens scored, when)
-        sample = ids[: min(len(ids), 2 * forward_tokens + 1)]
+        sample = ids[: min(len(ids), 2 * forward + 1)]
         fast.nll(sample, lambda done, _total: marks.append((done, time.perf_counter())))
         (done0, t0), (done1, t1) = marks[-2:]  # the last forward: warm unless it is the only one
         return (t1 - t0) / max(1, done1 - done0) * (len(ids) - 1)
