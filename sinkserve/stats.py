@@ -44,8 +44,13 @@ def stats_table(stats: pb.StatsResponse, target: str) -> Table:
             f"{r.kv_bytes / 2**20:,.0f}",
             f"{r.process_rss_bytes / 2**20:,.0f}",
         )
-    if not replicas:
-        table.caption = "no replica reachable from this gateway"
+    captions = [] if replicas else ["no replica reachable from this gateway"]
+    if stats.store_rows >= 0:  # -1: no session store, or it did not answer
+        captions.append(
+            f"session store: {stats.sessions_stored:,} sessions, {stats.store_rows:,} rows "
+            f"(expired ones not yet swept included), {_mib(stats.store_bytes)}"
+        )
+    table.caption = "; ".join(captions) or None
     return table
 
 

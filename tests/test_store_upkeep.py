@@ -189,3 +189,19 @@ async def test_a_replica_sweeps_sessions_nobody_resumed(tmp_path: Path) -> None:
 
 async def _rows_are(store: SqliteSessionStore, rows: int) -> bool:
     return (await store.usage()).rows == rows
+
+
+def test_sinkserve_stats_shows_the_store() -> None:
+    from rich.console import Console
+
+    from sinkserve.stats import stats_table
+
+    stats = pb.StatsResponse(sessions_stored=12, store_rows=15, store_bytes=3 << 20)
+    console = Console(width=80, record=True)
+    console.print(stats_table(stats, "localhost:50051"))
+    text = " ".join(console.export_text().split())
+    assert "session store: 12 sessions, 15 rows" in text and "3 MiB" in text
+    without = pb.StatsResponse(sessions_stored=-1, store_rows=-1, store_bytes=-1)
+    console = Console(width=80, record=True)
+    console.print(stats_table(without, "localhost:50051"))
+    assert "session store" not in console.export_text()
