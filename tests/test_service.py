@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sinkserve.client import AsyncSession, GenerationParams, SessionError
+from sinkwire.status import retry_after_s
 from sinkwire.v1 import streaming_llm_pb2 as pb
 from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 from tests.service import running_service
@@ -164,8 +165,9 @@ async def test_an_invalid_append_is_refused_on_its_own(address, append) -> None:
 
 async def test_idle_sessions_make_room_and_only_a_busy_service_refuses(address) -> None:
     """More sessions than slots: idle ones leave the GPU (their next message rebuilds them), so
-    opens succeed; only when every slot holds a session with a reply in flight is an Open refused
-    (RESOURCE_EXHAUSTED), and that refusal hurts nothing."""
+    opens succeed; only when every slot holds a session in a conversation (a reply in flight, or
+    one that ended moments ago) is an Open refused (RESOURCE_EXHAUSTED, with a retry hint), and
+    that refusal hurts nothing."""
 
     async def stats() -> pb.StatsResponse:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -199,8 +201,21 @@ async def test_idle_sessions_make_room_and_only_a_busy_service_refuses(address) 
     with pytest.raises(SessionError) as full:
         await AsyncSession.open(address)
     assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_after_s(full.value.details) is not None, full.value.details
     await asyncio.gather(*(session.cancel() for session in busy))
-    replacement = await AsyncSession.open(address)  # room again once replies end
+    # Room again once the replies end and their conversations pause; until then each refusal
+    # says when to try again.
+    for _ in range(30):
+        try:
+            replacement = await AsyncSession.open(address)
+            break
+        except SessionError as refused:
+            assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+            wait = retry_after_s(refused.details)
+            assert wait is not None, refused.details
+            await asyncio.sleep(min(wait, 1.0))
+    else:
+        raise AssertionError("no room for a new session 30 tries after every reply ended")
     sessions.append(replacement)
     await asyncio.gather(*(s.close() for s in sessions))
 
