@@ -30,9 +30,11 @@ from tests.tiny_engine import make_engine, tiny_models
 
 SECRET = "test-secret-" + "d" * 32
 SINK, WINDOW = 2, 10
-# How long a held write waits for the client to see the TurnEnd. The new code never lets the
-# TurnEnd out while its write is held, so it always waits this long: a cap, not a schedule.
+# How long a held write waits for the client to see the TurnEnd when turn ends are durable: they
+# never let the TurnEnd out while its write is held, so it always waits this long (a cap, not a
+# schedule). Without durable turn ends the TurnEnd comes while the write is held: a hard cap only.
 HOLD_CAP_S = 3.0
+HARD_CAP_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +46,13 @@ class HeldWrites:
     """A real SQLite store whose writes carrying a turn's end (a record past stream position 0)
     wait until `released` is set or HOLD_CAP_S passes; `log` says what happened in which order."""
 
-    def __init__(self, store: SqliteSessionStore, failing: bool = False) -> None:
+    def __init__(
+        self, store: SqliteSessionStore, failing: bool = False, hold_s: float = HOLD_CAP_S
+    ) -> None:
         self.store = store
         self.ttl_s = store.ttl_s
         self.failing = failing
+        self.hold_s = hold_s
         self.released = asyncio.Event()
         self.log: list[str] = []
 
@@ -59,7 +64,7 @@ class HeldWrites:
             if self.failing:
                 raise StoreUnavailableError("the store is down (test)")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.released.wait(), HOLD_CAP_S)
+                await asyncio.wait_for(self.released.wait(), self.hold_s)
             refused = await self.store.put_many(records)
             self.log.append("turn stored")
             return refused
@@ -113,7 +118,7 @@ async def run_one_turn(
     engine = make_engine(model, CacheGeometry(SINK, WINDOW))
     store = SqliteSessionStore(tmp_path / "sessions.db", ttl_s=60.0)
     reader = SqliteSessionStore(tmp_path / "sessions.db", ttl_s=60.0)  # another connection
-    held = HeldWrites(store, failing)
+    held = HeldWrites(store, failing, hold_s=HOLD_CAP_S if durable else HARD_CAP_S)
     server, sessions, _, port = await start_replica_server(engine, "r0", settings, store=held)
     try:
         turn_end, stored = await one_turn(port, held, reader)
