@@ -101,8 +101,8 @@ class AppSettings:
     durable_turn_ends: bool = setting(
         True,
         "send a TurnEnd only once its session's checkpoint is in the session store (waits for "
-        "the store writer's next flush, at most 50 ms plus one write), so a turn the client saw "
-        "end survives a crash; off: sent at once, and a crash may lose it",
+        "the store writer's next flush: at most its 50 ms interval plus two writes), so a turn the "
+        "client saw end survives a crash; off: sent at once, and a crash may lose it",
     )
     idle_offload_s: float = setting(
         60.0,

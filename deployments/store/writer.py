@@ -8,8 +8,8 @@ ones still replacing older, and the task retries with capped exponential backoff
 
 Group commit: `until_written(session_id)` waits until the session's newest record is in the store
 (the flush that carries it), so a replica can send a turn's end only once that turn is durable.
-Many sessions' waits ride on one flush: latency of at most one flush interval plus one write, and
-no extra writes.
+Many sessions' waits ride on one flush: latency of at most one flush interval plus two writes (the
+one in flight and the one that carries the record), and no extra writes.
 """
 
 from __future__ import annotations
