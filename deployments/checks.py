@@ -41,6 +41,8 @@ def check_settings(settings: AppSettings, local: bool) -> None:
         check_model_spec(settings.engine.model, files=local)
         if local:
             check_port_free(settings.listen_host, settings.port, "port")
+            if settings.openai_port:
+                check_port_free(settings.listen_host, settings.openai_port, "openai_port")
             if settings.metrics_export_port:
                 check_port_free("0.0.0.0", settings.metrics_export_port, "metrics_export_port")
     except SettingsError:

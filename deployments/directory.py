@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 
 from deployments.gateway_service import REPLICA_STALE_AFTER_S
+from deployments.openai_sessions import LocalLedger
 
 
 # Every replica calls `heartbeat` once a second and every gateway `replicas` twice: Serve's access
@@ -28,6 +29,9 @@ class ReplicaDirectory:
         # Token charges by key that each gateway has not yet heard of from the others.
         self._charges: dict[str, Counter[str]] = {}
         self._gateway_seen: dict[str, float] = {}
+        # The HTTP API's latest response per session and sessions by chat key, for every gateway
+        # (deployments/openai_sessions.py).
+        self._ledger = LocalLedger()
 
     def heartbeat(self, info: dict[str, Any]) -> None:
         self._replicas[info["replica_id"]] = {**info, "seen": time.monotonic()}
@@ -54,3 +58,9 @@ class ReplicaDirectory:
             if now - info["seen"] > REPLICA_STALE_AFTER_S:
                 del self._replicas[replica_id]
         return [{k: v for k, v in info.items() if k != "seen"} for info in self._replicas.values()]
+
+    def ledger_get(self, key: str) -> dict[str, Any] | None:
+        return self._ledger.get_now(key)
+
+    def ledger_put(self, key: str, value: dict[str, Any], ttl_s: float) -> None:
+        self._ledger.put_now(key, value, ttl_s)

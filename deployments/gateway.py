@@ -14,6 +14,7 @@ from ray import serve
 
 from deployments.gateway_guard import GatewayGuard, gateway_credentials
 from deployments.gateway_service import GatewayService
+from deployments.openai_front import HttpDoor, OpenAIFront
 from deployments.settings import AppSettings
 from deployments.store import open_store
 
@@ -43,6 +44,24 @@ class Gateway:
             credentials=gateway_credentials(settings),
         )
         self._poll = asyncio.get_running_loop().create_task(self._watch_directory())
+        self.http = None
+        if settings.openai_port:
+            front = OpenAIFront(
+                self.service,
+                settings.engine.model,
+                DirectoryLedger(directory, settings.session_ttl_s),
+                settings.max_message_bytes,
+            )
+            self.http = HttpDoor(front)
+            await self.http.start(
+                host,
+                settings.openai_port,
+                reuse_port=settings.max_gateways_per_node > 1,
+                tls_cert=settings.tls_cert,
+                tls_key=settings.tls_key,
+                tls_client_ca=settings.tls_client_ca,
+            )
+            log.info("sinkserve OpenAI-compatible HTTP on %s:%d", host, settings.openai_port)
         # Under `serve run`, Serve also prints an http:// address: that is its HTTP proxy, which
         # this gRPC service does not use.
         log.info(
@@ -79,6 +98,23 @@ class Gateway:
         each stream with UNAVAILABLE once its session is safe), then close the channels."""
         if hasattr(self, "server"):
             await self.service.health.enter_graceful_shutdown()
-            await self.server.stop(grace=self.settings.drain_timeout_s + 5)
+            grace = self.settings.drain_timeout_s + 5
+            http = self.http.stop(grace) if self.http is not None else asyncio.sleep(0)
+            await asyncio.gather(self.server.stop(grace=grace), http)
             self._poll.cancel()
             await self.service.close()
+
+
+class DirectoryLedger:
+    """The HTTP API's ledger (deployments/openai_sessions.py), kept by the replica directory so
+    that every gateway sees the same one."""
+
+    def __init__(self, directory, ttl_s: float) -> None:
+        self.directory = directory
+        self.ttl_s = ttl_s
+
+    async def get(self, key: str) -> dict | None:
+        return await self.directory.ledger_get.remote(key)
+
+    async def put(self, key: str, value: dict) -> None:
+        await self.directory.ledger_put.remote(key, value, self.ttl_s)

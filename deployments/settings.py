@@ -50,6 +50,11 @@ class AppSettings:
         "clients must authenticate (API keys or client certificates)",
     )
     port: int = setting(50051, "the gateway's public gRPC port")
+    openai_port: int = setting(
+        8100,
+        "the gateway's OpenAI-compatible HTTP port (/v1/responses, /v1/chat/completions), on the "
+        "same address, keys and TLS as the gRPC port; 0: off",
+    )
     metrics_export_port: int | None = setting(
         None,
         "Prometheus port of the local Ray cluster `sinkserve serve` starts (default: a free "
@@ -186,6 +191,11 @@ class AppSettings:
             problems.append(f"gateways must be >= 1, got {self.gateways}")
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
+        if not 0 <= self.openai_port < 65536 or self.openai_port == self.port:
+            problems.append(
+                f"openai_port must be in 0..65535 (0: off) and differ from port, got "
+                f"{self.openai_port}"
+            )
         if self.metrics_export_port is not None and not 0 < self.metrics_export_port < 65536:
             problems.append(
                 f"metrics_export_port must be in 1..65535, got {self.metrics_export_port}"

@@ -248,6 +248,11 @@ def _one_line(text: str) -> str:
 
 def _ready_details(settings: AppSettings, local: bool) -> list[str]:
     details = [f"model {settings.engine.model}", f"{settings.replicas} replica(s)"]
+    if settings.openai_port:  # the OpenAI-compatible HTTP door, on the gateway's address
+        host = settings.listen_host
+        host = "localhost" if host in ("0.0.0.0", "::") else host
+        scheme = "https" if settings.tls_cert else "http"
+        details.append(f"OpenAI API {scheme}://{host}:{settings.openai_port}/v1")
     port = _metrics_port() if local else None
     if port:
         details.append(f"metrics http://localhost:{port}/metrics")

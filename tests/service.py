@@ -30,7 +30,13 @@ def running_service(**overrides) -> Iterator[str]:
     from sinkserve.health import wait_serving
 
     settings = AppSettings.from_args(
-        {"host": "127.0.0.1", "port": free_port(), "torch_threads": 1, **overrides}
+        {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "openai_port": free_port(),
+            "torch_threads": 1,
+            **overrides,
+        }
     )
     _start_ray()
     try:

@@ -18,6 +18,8 @@ PACKAGES = ("sinkcache", "deployments", "sinkserve", "sinkwire")
     [
         # the public endpoint and the routing table: gRPC only
         ("deployments.gateway", "deployments.directory"),
+        # the OpenAI-compatible HTTP door in the gateway process (uvicorn, Starlette)
+        ("deployments.openai_front", "deployments.openai_wire", "deployments.openai_sessions"),
         # a replica's gRPC process, whose engine runs in a child process
         ("deployments.replica", "deployments.session_service", "sinkcache.host.start"),
         # what a client needs

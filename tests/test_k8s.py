@@ -37,10 +37,12 @@ def test_manifest_matches_the_app(path: Path) -> None:
                 p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]
             ]
             assert settings.port in ports
+            assert settings.openai_port in ports  # the OpenAI-compatible HTTP door
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         gpus += int(limits.get("nvidia.com/gpu", 0)) * count
     assert settings.gateways == gateway_pods, "one gateway per pod that the Service targets"
     assert grpc_service["spec"]["ports"][0]["targetPort"] == settings.port
+    assert settings.openai_port in [p["targetPort"] for p in grpc_service["spec"]["ports"]]
     if settings.gpus_per_replica:
         assert settings.replicas * settings.gpus_per_replica <= gpus
 
