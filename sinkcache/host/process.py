@@ -45,8 +45,12 @@ class ProcessEngine(EngineClient):
         self._conn = conn
 
     @classmethod
-    async def launch(cls, config: EngineConfig, ready_timeout_s: float = 900.0) -> ProcessEngine:
-        """Start the child and wait until its engine is built (model loaded, graphs captured)."""
+    async def launch(
+        cls, config: EngineConfig, ready_timeout_s: float = 900.0, builder: str | None = None
+    ) -> ProcessEngine:
+        """Start the child and wait until its engine is built (model loaded, graphs captured).
+        `builder` ("module:function", for benchmarks) builds the child's EngineCore from the
+        config instead of sinkcache.host.builder.build_core."""
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         # The child imports what this process can import (Ray adds its working dir at run time).
@@ -62,7 +66,7 @@ class ProcessEngine(EngineClient):
         engine = cls(process, conn)
         loop = asyncio.get_running_loop()
         try:
-            conn.send(config)
+            conn.send((config, builder))
             if not await loop.run_in_executor(None, conn.poll, ready_timeout_s):
                 raise EngineStoppedError(f"the engine process was not ready in {ready_timeout_s} s")
             kind, payload = await loop.run_in_executor(None, conn.recv)
@@ -139,13 +143,18 @@ class ProcessEngine(EngineClient):
 class _Child:
     """The child's side: one engine loop, fed commands by a reader thread, reporting back."""
 
-    def __init__(self, conn: Connection, config: EngineConfig) -> None:
+    def __init__(self, conn: Connection, config: EngineConfig, builder: str | None) -> None:
+        import importlib
+
         import psutil
 
         from sinkcache.host.builder import build_core
         from sinkcache.host.loop import EngineLoop, LoopCommands, take_events
 
         self.conn = conn
+        if builder is not None:
+            module, name = builder.split(":")
+            build_core = getattr(importlib.import_module(module), name)
         core = build_core(config)
         rss = psutil.Process().memory_info
         self.commands = LoopCommands(core, lambda: rss().rss, os.getpid())
@@ -212,9 +221,9 @@ def main() -> None:
         level=logging.INFO, format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s"
     )
     conn = Connection(args.fd)
-    config = conn.recv()
+    config, builder = conn.recv()
     try:
-        child = _Child(conn, config)
+        child = _Child(conn, config, builder)
     except BaseException as error:
         log.exception("engine could not start")
         with contextlib.suppress(OSError):
