@@ -5,6 +5,7 @@ commit 7a806ff and passes since; its docstring says what it guards."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -97,7 +98,7 @@ async def test_one_key_cannot_take_every_slot_with_dropped_streams(service, keys
         session = await AsyncSession.open(service.address, credentials=keys["limited"])
         await session.disconnect()  # dropped without Close: the session stays, with its slot
         dropped.append(session)
-    await asyncio.sleep(0.5)  # the replica's report reaches the gateway (as the directory's would)
+    await service.acall(service._update())  # the replica's report reaches the gateway
     for _ in range(3):
         with pytest.raises(SessionError) as refused:
             await AsyncSession.open(service.address, credentials=keys["limited"])
@@ -111,7 +112,7 @@ async def test_one_key_cannot_take_every_slot_with_dropped_streams(service, keys
             service.address, session.session_id, session.resume_token, credentials=keys["limited"]
         )
         await resumed.close()
-    await asyncio.sleep(0.5)
+    await service.acall(service._update())
     again = await AsyncSession.open(service.address, credentials=keys["limited"])
     await again.close()
 
@@ -220,9 +221,8 @@ async def test_a_client_that_stops_reading_stops_its_session_not_others(service,
         assert (await call.read()).HasField("opened")
         params = pb.GenerationParams(max_new_tokens=reply_tokens, ignore_eos=True, temperature=0.0)
         await call.write(append(tokens=pb.TokenIds(ids=[1, 2, 3]), generate=params))
-        held_at = await _until_generating_stops(service, timeout_s=120)
+        held_at = await _until_decode_held(service, timeout_s=120)
         assert held_at < reply_tokens, "the whole reply was generated for a client not reading"
-        assert service.stats().decode_held == 1
         canary = await AsyncSession.open(service.address, credentials=keys["other"])
         started = time.monotonic()
         answer = await asyncio.wait_for(canary.reply(text="canary", generate=GREEDY), 30)
@@ -248,11 +248,16 @@ async def test_a_stream_dropped_while_its_session_opens_leaves_no_session(servic
     could neither be resumed nor expire)."""
     engine = service.engine
     open_session = engine.open_session
+    opening, opened = threading.Event(), threading.Event()
 
     async def slow_open(*args, **kwargs):  # the command is sent; its answer comes late
-        opening = asyncio.ensure_future(open_session(*args, **kwargs))
+        opening.set()
+        started = asyncio.ensure_future(open_session(*args, **kwargs))
         await asyncio.sleep(1.0)
-        return await opening
+        try:
+            return await started
+        finally:
+            opened.set()
 
     before = service.stats().sessions
     engine.open_session = slow_open
@@ -262,25 +267,24 @@ async def test_a_stream_dropped_while_its_session_opens_leaves_no_session(servic
         async with aio_channel(service.address, keys["user"]) as channel:
             call = pb_grpc.StreamingLLMStub(channel).Session()
             await call.write(OPEN)
-            await asyncio.sleep(0.5)  # the replica is opening the session now
-            call.cancel()
-        await asyncio.sleep(2.0)
+            assert await asyncio.to_thread(opening.wait, 30), "the replica never opened it"
+            call.cancel()  # while the replica is opening the session
+        assert await asyncio.to_thread(opened.wait, 30), "the engine never answered the open"
     finally:
         engine.open_session = open_session
-    assert service.stats().sessions == before
+    deadline = time.monotonic() + 30
+    while service.stats().sessions != before:
+        assert time.monotonic() < deadline, "the session of a dropped open stayed in the engine"
+        await asyncio.sleep(0.1)
 
 
-async def _until_generating_stops(service: LocalService, timeout_s: float) -> int:
-    """The engine's generated-token count once it stays the same for a second."""
+async def _until_decode_held(service: LocalService, timeout_s: float) -> int:
+    """The engine's generated-token count once it reports the session's decoding held."""
     deadline = time.monotonic() + timeout_s
-    last = -1
-    while time.monotonic() < deadline:
-        generated = service.stats().generated_tokens
-        if generated == last:
-            return generated
-        last = generated
-        await asyncio.sleep(1.0)
-    raise AssertionError("the engine never stopped generating")
+    while service.stats().decode_held != 1:
+        assert time.monotonic() < deadline, "the engine never held the unread session"
+        await asyncio.sleep(0.1)
+    return service.stats().generated_tokens
 
 
 def _fields(message: pb.ClientMessage) -> dict:

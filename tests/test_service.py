@@ -177,7 +177,12 @@ async def test_idle_sessions_make_room_and_only_a_busy_service_refuses(address) 
     before = await keeper.reply(text="remember this", generate=GREEDY)
     total = (await stats()).slots_total
     sessions = [keeper] + [await AsyncSession.open(address) for _ in range(total + 10)]
-    assert (await stats()).sessions_offloaded >= 11  # the keeper among them: idle longest
+    for _ in range(300):  # Stats may answer from a replica's last engine figures: until fresh
+        if (await stats()).sessions_offloaded >= 11:  # the keeper among them: idle longest
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("fewer than 11 idle sessions left the GPU in 30 s")
     again = await keeper.reply(text="still fine", generate=GREEDY)  # rebuilt, then answered
     assert again.end.stream_position == (
         before.end.stream_position + again.end.input_tokens + again.end.generated_tokens
@@ -194,15 +199,18 @@ async def test_idle_sessions_make_room_and_only_a_busy_service_refuses(address) 
     busy = [s for group in by_replica.values() for s in group[:SLOTS]]
     for session in busy:  # every slot of every replica busy
         await session.send(pb.ClientMessage(append=pb.Append(text="go on", generate=long)))
-    for _ in range(300):  # until every slot holds one of them (rebuilds take a moment)
-        if (await stats()).slots_free == 0:
-            break
-        await asyncio.sleep(0.1)
+    # Until every one of them is generating (its first reply tokens came: it holds a slot; an
+    # offloaded one is rebuilt first). A slot count says nothing here: idle sessions fill the
+    # slots before any busy append lands.
+    await asyncio.wait_for(asyncio.gather(*(_until_tokens(s) for s in busy)), 120)
     with pytest.raises(SessionError) as full:
         await AsyncSession.open(address)
     assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert retry_after_s(full.value.details) is not None, full.value.details
-    await asyncio.gather(*(session.cancel() for session in busy))
+    for session in busy:
+        await session.cancel()
+    # Until every reply has ended (its TurnEnd came), not only the Cancels sent.
+    await asyncio.wait_for(asyncio.gather(*(_until_turn_end(s) for s in busy)), 120)
     # Room again once the replies end and their conversations pause; until then each refusal
     # says when to try again.
     for _ in range(30):
@@ -218,6 +226,16 @@ async def test_idle_sessions_make_room_and_only_a_busy_service_refuses(address) 
         raise AssertionError("no room for a new session 30 tries after every reply ended")
     sessions.append(replacement)
     await asyncio.gather(*(s.close() for s in sessions))
+
+
+async def _until_tokens(session: AsyncSession) -> None:
+    while not (await session.receive()).HasField("tokens"):
+        pass
+
+
+async def _until_turn_end(session: AsyncSession) -> None:
+    while not (await session.receive()).HasField("turn_end"):
+        pass
 
 
 def test_health_stats_and_a_client_from_the_proto_alone(address, tmp_path) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import psutil
@@ -15,6 +16,7 @@ import pytest
 from sinkserve.client import AsyncSession, ResumePolicy, SessionError, StreamResumed
 from sinkserve.health import is_serving, wait_serving
 from sinkwire.v1 import streaming_llm_pb2 as pb
+from sinkwire.v1 import streaming_llm_pb2_grpc as pb_grpc
 from tests.service import free_port
 
 pytestmark = pytest.mark.slow
@@ -40,14 +42,46 @@ async def _until_dropped(address: str, timeout_s: float = 30.0) -> None:
     raise AssertionError("the gateway kept the frozen replica")
 
 
+class Reading:
+    """A reply read in the background, its tokens counted as they come, so a test acts on what
+    the stream has done (tokens arrived) instead of on how long it has run."""
+
+    def __init__(self, session: AsyncSession, **append: object) -> None:
+        self.tokens = 0
+        self.task = asyncio.create_task(self._read(session, append))
+
+    async def _read(self, session: AsyncSession, append: dict) -> int:
+        async for message in session.append(**append):
+            if message.HasField("tokens"):
+                self.tokens += len(message.tokens.ids)
+        return self.tokens
+
+    async def until(self, tokens: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.tokens < tokens:
+            if self.task.done():
+                self.task.result()  # its error, if any
+                raise AssertionError(f"the reply ended after {self.tokens} of {tokens} tokens")
+            assert time.monotonic() < deadline, f"{self.tokens} of {tokens} reply tokens came"
+            await asyncio.sleep(0.02)
+
+
+async def _gateway_stats(address: str) -> pb.StatsResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await pb_grpc.StreamingLLMStub(channel).Stats(pb.StatsRequest(), timeout=10)
+
+
 def start_replica(port: int) -> subprocess.Popen:
     settings = ["model=tiny", "slots=4", "window=60", "torch_threads=1"]
     return start("replica", "--port", str(port), "--set", *settings)
 
 
 async def test_a_few_seconds_of_engine_stall_keep_every_stream() -> None:
-    """Freeze the engine process for longer than the gateway's stats poll may take (2 s) but
-    less than a replica may stay unheard (5 s): the reply in flight resumes where it stopped."""
+    """Freeze the engine process mid-reply for longer than the gateway's stats poll may take
+    (2 s): the replica keeps answering the gateway (from its last engine stats), so its streams
+    stay, and the reply in flight goes on where it stopped once the engine is thawed. Driven by
+    what the service reports: the freeze starts once reply tokens flow and lasts until the gateway
+    has answered for the replica three times over at least 2.5 s, however slow the box."""
     replica_port, gateway_port = free_port(), free_port()
     replica = start_replica(replica_port)
     gateway = None
@@ -60,12 +94,19 @@ async def test_a_few_seconds_of_engine_stall_keep_every_stream() -> None:
         (engine,) = psutil.Process(replica.pid).children()
         session = await asyncio.wait_for(AsyncSession.open(address), 30)
         params = pb.GenerationParams(max_new_tokens=300, ignore_eos=True, temperature=0.0)
-        reply = asyncio.create_task(session.reply(text="go on", generate=params))
-        await asyncio.sleep(1.0)
+        reading = Reading(session, text="go on", generate=params)
+        await reading.until(5)
         os.kill(engine.pid, signal.SIGSTOP)
-        await asyncio.sleep(4.0)
-        os.kill(engine.pid, signal.SIGCONT)
-        assert len((await asyncio.wait_for(reply, 60)).ids) == 300
+        try:
+            frozen_at, answers = time.monotonic(), 0
+            while answers < 3 or time.monotonic() - frozen_at < 2.5:
+                assert time.monotonic() - frozen_at < 60, "the gateway stopped listing the replica"
+                answers += len((await _gateway_stats(address)).replicas)
+                await asyncio.sleep(0.5)
+            assert not reading.task.done(), "the reply ended while its engine was frozen"
+        finally:
+            os.kill(engine.pid, signal.SIGCONT)
+        assert await asyncio.wait_for(reading.task, 60) == 300
         again = await asyncio.wait_for(session.reply(text="and again", generate=params), 60)
         assert len(again.ids) == 300
         await asyncio.wait_for(session.close(), 30)
@@ -98,8 +139,9 @@ async def test_an_unreachable_replica_ends_its_streams_and_its_sessions_resume(
         policy = ResumePolicy() if auto_resume else None
         session = await asyncio.wait_for(AsyncSession.open(address, resume_policy=policy), 30)
         endless = pb.GenerationParams(max_new_tokens=100_000, ignore_eos=True, temperature=0.0)
-        reply = asyncio.create_task(session.reply(text="go on", generate=endless))
-        await asyncio.sleep(1.0)
+        reading = Reading(session, text="go on", generate=endless)
+        reply = reading.task
+        await reading.until(5)  # the reply is generating
         frozen = [replica.pid] + [child.pid for child in psutil.Process(replica.pid).children()]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
