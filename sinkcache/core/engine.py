@@ -136,6 +136,7 @@ class EngineCore:
         if request is None or request.generation is None or request.finished:
             return False
         request.cancelled = True
+        self.scheduler.recheck(session)
         return True
 
     def hold_decode(self, session_id: str, held: bool) -> None:
@@ -150,6 +151,7 @@ class EngineCore:
             self._end(session.queue.popleft(), EndReason.CLOSED, session, generated=0)
         if session.active is not None and not session.active.finished:
             session.active.cancelled = True
+            self.scheduler.recheck(session)
             if session.state in (SessionState.IDLE, SessionState.PREFILL):
                 self._finish(session, session.active, EndReason.CLOSED)
             return  # freed when the reply in flight drains

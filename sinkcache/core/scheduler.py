@@ -20,7 +20,7 @@ from collections import deque
 from sinkcache.config import CacheGeometry
 from sinkcache.core.plan import ChunkRecord, PrefillChunk, StepPlan, StepRecord
 from sinkcache.core.sampling import SamplerVariant
-from sinkcache.core.session import Session, SessionState
+from sinkcache.core.session import Request, Session, SessionState
 
 REBUILD_SHARE = 0.25  # of each step's prefill budget, at most, for rebuilds
 
@@ -34,8 +34,14 @@ class Scheduler:
         self.held: dict[str, Session] = {}  # generating, but held: no decode rows
         self._decode_version = 0
         self._decode_slots: list[int] = []
-        self._decode_sessions: list[Session] = []
+        self._decode_rows: list[tuple[Session, Request]] = []  # shared by records: never mutated
+        self._decode_variant = SamplerVariant.GREEDY
         self._decode_dirty = True
+        # When to look at a decoding session again (plan number -> sessions): once its reply has
+        # been planned in full, or at the next plan after it was cancelled. So a step looks at the
+        # sessions that may stop, not at every generating one.
+        self._plans = 0
+        self._due: dict[int, list[Session]] = {}
 
     # -- membership --------------------------------------------------------------------------------
     def add_prefill(self, session: Session) -> None:
@@ -47,8 +53,18 @@ class Scheduler:
         if session.decode_held:
             self.held[session.session_id] = session
             return
+        self._join_decode(session)
+
+    def _join_decode(self, session: Session) -> None:
         self.decoding[session.session_id] = session
         self._decode_dirty = True
+        request = session.active
+        left = max(0, request.generation.max_new_tokens - request.planned)
+        self._due.setdefault(self._plans + 1 + left, []).append(session)
+
+    def recheck(self, session: Session) -> None:
+        """The session's reply was cancelled: look at it in the next plan."""
+        self._due.setdefault(self._plans + 1, []).append(session)
 
     def hold(self, session: Session, held: bool) -> None:
         """Hold (True) or release (False) the session's decode rows; it lasts across turns."""
@@ -59,8 +75,7 @@ class Scheduler:
             self.held[session_id] = session
         elif not held and session_id in self.held:
             del self.held[session_id]
-            self.decoding[session_id] = session
-            self._decode_dirty = True
+            self._join_decode(session)
 
     def _stop_decode(self, session: Session) -> None:
         if self.decoding.pop(session.session_id, None) is not None:
@@ -70,9 +85,19 @@ class Scheduler:
         """Forget a session's schedule (its turn ended or it closed): it is idle."""
         self._stop_decode(session)
         self.held.pop(session.session_id, None)
-        if session in self.prefilling:
-            self.prefilling.remove(session)
+        if session.state is SessionState.PREFILL and session in self.prefilling:
+            self.prefilling.remove(session)  # only sessions in PREFILL are queued there
         session.state = SessionState.IDLE
+
+    def _check_stop(self, session: Session, ending: bool) -> None:
+        """Stop planning rows for a reply planned in full, cancelled (unless `ending`: a held
+        reply's cancel gets one row) or finished."""
+        request = session.active
+        cancelled = request.cancelled and not ending
+        if cancelled or request.planned >= request.generation.max_new_tokens or request.finished:
+            self._stop_decode(session)
+            if not request.finished:
+                session.state = SessionState.DRAIN
 
     @property
     def has_work(self) -> bool:
@@ -82,34 +107,35 @@ class Scheduler:
     def plan(self) -> StepRecord | None:
         record = StepRecord(StepPlan())
         variant = SamplerVariant.GREEDY
+        self._plans += 1
         ending = set()
         for session_id, session in list(self.held.items()):
             if session.active.cancelled:  # a held reply that must end gets the row that ends it
                 del self.held[session_id]
-                self.decoding[session_id] = session
-                self._decode_dirty = True
+                self._join_decode(session)
+                self.recheck(session)  # its cancel stops it in the next plan
                 ending.add(session_id)
-        for session in list(self.decoding.values()):
-            request = session.active
-            assert request is not None
-            params = request.generation
-            cancelled = request.cancelled and session.session_id not in ending
-            if cancelled or request.planned >= params.max_new_tokens or request.finished:
-                self._stop_decode(session)
-                if not request.finished:
-                    session.state = SessionState.DRAIN
+                self._check_stop(session, ending=True)
+        for session in self._due.pop(self._plans, ()):
+            session_id = session.session_id
+            if self.decoding.get(session_id) is session and session_id not in ending:
+                self._check_stop(session, ending=False)
         if self._decode_dirty:
-            self._decode_sessions = list(self.decoding.values())
-            self._decode_slots = [s.slot for s in self._decode_sessions]
+            sessions = list(self.decoding.values())
+            self._decode_rows = [(s, s.active) for s in sessions]
+            self._decode_slots = [s.slot for s in sessions]
+            self._decode_variant = max(
+                (r.variant for _, r in self._decode_rows), default=SamplerVariant.GREEDY
+            )
             self._decode_version += 1
             self._decode_dirty = False
-        for session in self._decode_sessions:
-            request = session.active
+        for session, request in self._decode_rows:
             request.planned += 1
             request.decode_steps += 1
             session.cached += 1
-            variant = max(variant, request.variant)
-            record.decode.append((session, request))
+        if self._decode_rows:
+            variant = max(variant, self._decode_variant)
+        record.decode = self._decode_rows
         record.plan.decode_slots = self._decode_slots
         record.plan.decode_version = self._decode_version
 
