@@ -43,6 +43,7 @@ class ProcessEngine(EngineClient):
         super().__init__()
         self._process = process
         self._conn = conn
+        self._outgoing: list[tuple[int, Command]] = []  # calls made since the loop last ran
 
     @classmethod
     async def launch(
@@ -86,6 +87,7 @@ class ProcessEngine(EngineClient):
         if self._stopping:
             return
         self._stopping = True
+        self._send_calls()
         with contextlib.suppress(OSError):
             self._conn.send(("stop",))
         loop = asyncio.get_running_loop()
@@ -102,7 +104,22 @@ class ProcessEngine(EngineClient):
 
     # -- transport -----------------------------------------------------------------------------------
     def _send(self, call_id: int, command: Command) -> None:
-        self._conn.send(("call", call_id, command))  # only the event loop's thread sends
+        """Calls made in one pass of the event loop go to the child as one message (a message
+        costs both processes a system call and a pickle header; the child runs them together)."""
+        if not self._outgoing:
+            self._loop.call_soon(self._send_calls)
+        self._outgoing.append((call_id, command))
+
+    def _send_calls(self) -> None:
+        calls, self._outgoing = self._outgoing, []
+        if not calls:
+            return
+        try:
+            self._conn.send(("calls", calls))  # only the event loop's thread sends
+        except OSError:
+            gone = EngineStoppedError("the engine process is gone")
+            for call_id, _ in calls:
+                self._on_reply(call_id, False, gone)
 
     def _read(self) -> None:
         """Reader thread: every message from the child is handled on the event loop."""
@@ -125,8 +142,9 @@ class ProcessEngine(EngineClient):
         kind = message[0]
         if kind == "events":
             self._on_events(message[1], message[2])
-        elif kind == "reply":
-            self._on_reply(*message[1:])
+        elif kind == "replies":
+            for reply in message[1]:
+                self._on_reply(*reply)
         elif kind == "failed":
             self._error = EngineStoppedError(f"engine failed: {message[1]}")
 
@@ -152,6 +170,7 @@ class _Child:
         from sinkcache.host.loop import EngineLoop, LoopCommands, take_events
 
         self.conn = conn
+        self._replies: list[tuple[int, bool, Any]] = []
         if builder is not None:
             module, name = builder.split(":")
             build_core = getattr(importlib.import_module(module), name)
@@ -167,6 +186,7 @@ class _Child:
         self.conn.send(("ready", os.getpid()))
         threading.Thread(target=self._read, name="sinkcache-commands", daemon=True).start()
         self.loop.run()
+        self._send_replies()
         if self.loop.error is not None:
             self.conn.send(("failed", f"{type(self.loop.error).__name__}: {self.loop.error}"))
 
@@ -180,15 +200,27 @@ class _Child:
             if message[0] == "stop":
                 self.loop.stop()
                 return
-            _, call_id, command = message
-            reply = functools.partial(self._reply, call_id)
-            self.loop.post(functools.partial(self.commands.run, command, reply))
+            self.loop.post(functools.partial(self._run_calls, message[1]))
 
     # on the loop's thread
+    def _run_calls(self, calls: list[tuple[int, Command]]) -> None:
+        for call_id, command in calls:
+            self.commands.run(command, functools.partial(self._reply, call_id))
+
     def _reply(self, call_id: int, ok: bool, value: Any) -> None:
-        self.conn.send(("reply", call_id, ok, value))
+        """Replies go out together: after the commands run with them, or before the next events
+        (so a reply never comes after events that followed it)."""
+        if not self._replies:
+            self.loop.post(self._send_replies)
+        self._replies.append((call_id, ok, value))
+
+    def _send_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        if replies:
+            self.conn.send(("replies", replies))
 
     def _deliver(self, outboxes: set, snapshots: list) -> None:
+        self._send_replies()
         self.conn.send(("events", self._take_events(outboxes), snapshots))
 
 
