@@ -90,6 +90,7 @@ class ModelRunner:
         order does not matter). Thousands of chatting sessions start a turn almost every step,
         and a step that fell back to eager for everyone would be launch-bound.
         """
+        self.sampler.commit()  # parameters configured since the last step (graphs read them)
         nd = len(plan.decode_slots)
         if nd and self.use_cuda_graphs and nd <= DECODE_BUCKETS[-1]:
             decode_tokens = self._replay_decode(plan)

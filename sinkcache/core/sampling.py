@@ -93,19 +93,56 @@ class SlotSampler:
 
     def __init__(self, rows: int, vocab_size: int, device: torch.device | str) -> None:
         self.vocab_size = vocab_size
-        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
-        self.seed = torch.zeros(rows, dtype=torch.int64, device=device)
+        self._temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self._top_k = torch.zeros(rows, dtype=torch.int64, device=device)
+        self._top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self._seed = torch.zeros(rows, dtype=torch.int64, device=device)
+        # slot -> (temperature, top_k, top_p, seed) configured since the last `commit`
+        self._staged: dict[int, tuple[float, int, float, int]] = {}
+
+    # Per-slot parameters [rows], with every configured slot written.
+    @property
+    def temperature(self) -> torch.Tensor:
+        self.commit()
+        return self._temperature
+
+    @property
+    def top_k(self) -> torch.Tensor:
+        self.commit()
+        return self._top_k
+
+    @property
+    def top_p(self) -> torch.Tensor:
+        self.commit()
+        return self._top_p
+
+    @property
+    def seed(self) -> torch.Tensor:
+        self.commit()
+        return self._seed
 
     def configure(self, slot: int, params: GenerationParams) -> int:
-        """Store a request's parameters for its slot; returns the seed actually used."""
+        """Store a request's parameters for its slot (on the device at the next `commit`, in one
+        write per tensor for all slots configured meanwhile); returns the seed actually used."""
         seed = params.seed if params.seed is not None else random.getrandbits(62)
-        self.temperature[slot] = params.temperature
-        self.top_k[slot] = params.top_k
-        self.top_p[slot] = params.top_p
-        self.seed[slot] = seed
+        self._staged[slot] = (params.temperature, params.top_k, params.top_p, seed)
         return seed
+
+    def commit(self) -> None:
+        """Write the staged parameters (before a step that samples; `sample` does it too)."""
+        if not self._staged:
+            return
+        staged, self._staged = self._staged, {}
+        slots = torch.tensor(list(staged), dtype=torch.int64)
+        temperature, top_k, top_p, seed = zip(*staged.values(), strict=True)
+        for target, values in (
+            (self._temperature, temperature),
+            (self._top_k, top_k),
+            (self._top_p, top_p),
+            (self._seed, seed),
+        ):
+            host = torch.tensor(values, dtype=target.dtype)
+            target.index_copy_(0, slots.to(target.device), host.to(target.device))
 
     def sample(
         self,
@@ -118,6 +155,7 @@ class SlotSampler:
 
         Sampling is by inverse CDF with one uniform per row, so no [B, V] noise is made.
         """
+        self.commit()
         greedy_tokens = logits.argmax(dim=-1)
         if variant == SamplerVariant.GREEDY:
             return greedy_tokens

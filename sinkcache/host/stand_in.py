@@ -62,6 +62,7 @@ class StandInRunner:
         self._step = 0
 
     def execute(self, plan: StepPlan) -> StepResult:
+        self.sampler.commit()  # as the real runner does: the sampler front end is host work
         self._step += 1
         slots = np.asarray(plan.decode_slots, dtype=np.int64)
         cycle = self._cycle
