@@ -70,6 +70,7 @@ class ChatFormat:
             i for i, token in tokenizer.added_tokens_decoder.items() if token.special
         }
         self._turn_templates: dict[tuple[str, bool], _TurnTemplate] = {}
+        self._template_cache: dict[tuple[str, bool], tuple[int, ...]] = {}  # template text's ids
 
     def turn_tokens(self, role: str, content: str, first: bool) -> list[int]:
         """One message: the whole template render for a session's first turn, else only its own text."""
@@ -190,11 +191,23 @@ class ChatFormat:
     # tokenizing
 
     def _encode_pieces(self, pieces: list[tuple[str, bool]], first: bool) -> list[int]:
-        """Tokenize (text, is_content) pieces in order; only the stream's first text is at its start."""
+        """Tokenize (text, is_content) pieces in order; only the stream's first text is at its start.
+        The template's own pieces are the same few strings turn after turn: tokenized once."""
         ids: list[int] = []
         for text, is_content in pieces:
             if text:
-                ids += self._encode(text, at_start=first and not ids, as_text=is_content)
+                at_start = first and not ids
+                if is_content:
+                    ids += self._encode(text, at_start=at_start, as_text=True)
+                else:
+                    ids += self._template_ids(text, at_start)
+        return ids
+
+    def _template_ids(self, text: str, at_start: bool) -> tuple[int, ...]:
+        key = (text, at_start)
+        ids = self._template_cache.get(key)
+        if ids is None:
+            ids = self._template_cache[key] = tuple(self._encode(text, at_start, as_text=False))
         return ids
 
     def _encode(self, text: str, at_start: bool, as_text: bool) -> list[int]:
