@@ -18,10 +18,13 @@ from deployments.openai_sessions import LocalLedger
 
 # Every replica calls `heartbeat` once a second and every gateway `replicas` twice: Serve's access
 # log would be nearly all of the application's log lines.
+# The HTTP door asks it about the ledger on every request: Serve's default of 5 calls in flight
+# would queue them behind each other.
 @serve.deployment(
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
     logging_config={"enable_access_log": False},
+    max_ongoing_requests=10_000,
 )
 class ReplicaDirectory:
     def __init__(self) -> None:

@@ -426,6 +426,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         chaos_kill_every_s=args.chaos_kill_every,
         chaos_target=args.chaos_target,
         chaos_kills=args.chaos_kills,
+        protocol=args.protocol,
+        openai_url=args.openai_url,
     )
     console = Console(stderr=True)
 
@@ -646,6 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument(
         "--chaos-kills", type=int, metavar="N",
         help="stop killing after N processes (the rest of the run shows the recovery)",
+    )  # fmt: skip
+    lt.add_argument(
+        "--protocol", choices=("grpc", "openai"), default="grpc",
+        help="the door the conversations go through: the gRPC session streams, or the "
+        "OpenAI Responses API (POST /v1/responses, streamed, chained by previous_response_id)",
+    )  # fmt: skip
+    lt.add_argument(
+        "--openai-url", metavar="URL",
+        help="base URL of the OpenAI API for --protocol openai (default http://HOST:8100/v1, "
+        "HOST from --target)",
     )  # fmt: skip
     lt.add_argument("--json", help="write the results here")
     lt.add_argument("--plot", help="write a PNG of throughput, latency and memory over time")

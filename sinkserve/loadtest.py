@@ -115,6 +115,10 @@ class LoadConfig:
     # At most this many kills (None: until the run ends), so a drill can end with a quiet stretch
     # in which the killed processes come back and every session shows it fails over.
     chaos_kills: int | None = None
+    # "grpc", or "openai": the same conversations through POST /v1/responses
+    # (sinkserve/loadtest_http.py) at `openai_url` (default: the target's host, port 8100).
+    protocol: str = "grpc"
+    openai_url: str | None = None
 
 
 @dataclass
@@ -506,8 +510,14 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
     deadline = time.monotonic() + config.ramp_s + config.duration_s
     if config.chaos_kill_every_s:
         background.append(asyncio.create_task(_chaos(config, stats, stop, deadline)))
+    converse, http = _converse, None
+    if config.protocol == "openai":
+        from sinkserve.loadtest_http import OpenAIConversations
+
+        http = OpenAIConversations(config, WORDS)
+        converse = http.converse
     conversations = [
-        asyncio.create_task(_converse(config, stats, channels[i % len(channels)], i, deadline))
+        asyncio.create_task(converse(config, stats, channels[i % len(channels)], i, deadline))
         for i in range(config.sessions)
     ]
     try:
@@ -524,6 +534,8 @@ async def run(config: LoadConfig, live=None) -> LoadStats:
         await asyncio.gather(*background)
         for channel in channels:
             await channel.close()
+        if http is not None:
+            await http.close()
     stats.elapsed = time.monotonic() - stats.started
     return stats
 

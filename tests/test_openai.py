@@ -442,3 +442,26 @@ def test_response_ids_round_trip_and_refuse_forgeries() -> None:
     for response_id in ("resp_", "resp_" + bad, "msg_x", "resp_" + "A" * 500):
         with pytest.raises(Exception, match="not found"):
             parse_response_id(response_id)
+
+
+async def test_the_load_test_drives_the_http_door(service, certs, keys) -> None:
+    """`sinkserve loadtest --protocol openai`: conversations chained by previous_response_id,
+    each turn continuing where the last ended."""
+    from sinkserve.loadtest import LoadConfig, run, summary
+
+    config = LoadConfig(
+        target=service.address,
+        sessions=4,
+        duration_s=6,
+        ramp_s=1,
+        think_s=(0.1, 0.3),
+        max_new_tokens=6,
+        credentials=Credentials(api_key=keys["admin"], ca=certs.ca),
+        protocol="openai",
+        openai_url=f"https://localhost:{service.http_port}/v1",
+    )
+    data = summary(config, await run(config))
+    print("loadtest over HTTP:", {k: data[k] for k in ("turns", "errors", "ttft_ms", "itl_ms")})
+    assert data["sessions_opened"] == 4 and data["sessions_lost"] == 0
+    assert data["errors"] == {} and data["position_errors"] == 0
+    assert data["turns"] >= 8 and 0 < data["ttft_ms"]["count"] <= data["turns"]
