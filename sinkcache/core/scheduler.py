@@ -35,7 +35,10 @@ class Scheduler:
         self._decode_version = 0
         self._decode_slots: list[int] = []
         self._decode_rows: list[tuple[Session, Request]] = []  # shared by records: never mutated
-        self._decode_variant = SamplerVariant.GREEDY
+        # Kept with `decoding`, in its order, so a changed batch is two list copies in C.
+        self._rows: dict[str, tuple[Session, Request]] = {}
+        self._slots: dict[str, int] = {}
+        self._variants = [0] * len(SamplerVariant)  # decoding requests per sampler variant
         self._decode_dirty = True
         # When to look at a decoding session again (plan number -> sessions): once its reply has
         # been planned in full, or at the next plan after it was cancelled. So a step looks at the
@@ -56,9 +59,12 @@ class Scheduler:
         self._join_decode(session)
 
     def _join_decode(self, session: Session) -> None:
-        self.decoding[session.session_id] = session
+        session_id, request = session.session_id, session.active
+        self.decoding[session_id] = session
+        self._rows[session_id] = (session, request)
+        self._slots[session_id] = session.slot
+        self._variants[request.variant] += 1
         self._decode_dirty = True
-        request = session.active
         left = max(0, request.generation.max_new_tokens - request.planned)
         self._due.setdefault(self._plans + 1 + left, []).append(session)
 
@@ -79,6 +85,9 @@ class Scheduler:
 
     def _stop_decode(self, session: Session) -> None:
         if self.decoding.pop(session.session_id, None) is not None:
+            _, request = self._rows.pop(session.session_id)
+            del self._slots[session.session_id]
+            self._variants[request.variant] -= 1
             self._decode_dirty = True
 
     def drop(self, session: Session) -> None:
@@ -121,20 +130,18 @@ class Scheduler:
             if self.decoding.get(session_id) is session and session_id not in ending:
                 self._check_stop(session, ending=False)
         if self._decode_dirty:
-            sessions = list(self.decoding.values())
-            self._decode_rows = [(s, s.active) for s in sessions]
-            self._decode_slots = [s.slot for s in sessions]
-            self._decode_variant = max(
-                (r.variant for _, r in self._decode_rows), default=SamplerVariant.GREEDY
-            )
+            self._decode_rows = list(self._rows.values())
+            self._decode_slots = list(self._slots.values())
             self._decode_version += 1
             self._decode_dirty = False
         for session, request in self._decode_rows:
             request.planned += 1
             request.decode_steps += 1
             session.cached += 1
-        if self._decode_rows:
-            variant = max(variant, self._decode_variant)
+        for row_variant in reversed(SamplerVariant):
+            if self._variants[row_variant]:
+                variant = max(variant, row_variant)
+                break
         record.decode = self._decode_rows
         record.plan.decode_slots = self._decode_slots
         record.plan.decode_version = self._decode_version
