@@ -298,11 +298,7 @@ class EngineCore:
         counters.step_seconds.append(time.perf_counter() - started)
         counters.decode_tokens += len(record.decode)
         counters.prefill_tokens += sum(c.length for c in record.chunks)
-        for (session, request), token in zip(
-            record.decode, result.decode_tokens.tolist(), strict=True
-        ):
-            if not request.finished:
-                self._take_token(session, request, token)
+        self._take_decode_tokens(record.decode, result.decode_tokens.tolist())
         sampled = iter(result.prefill_tokens.tolist())
         scores = result.scores
         offset = 0
@@ -320,6 +316,19 @@ class EngineCore:
             elif chunk.last and not request.finished:
                 reason = EndReason.CANCELLED if request.generation else EndReason.APPENDED
                 self._finish(session, request, reason)
+
+    def _take_decode_tokens(self, rows: list[tuple[Session, Request]], tokens: list[int]) -> None:
+        """One token per decode row, taken in one pass; then, in row order, the replies that end
+        are finished and the mid-reply snapshots taken (each touches its own session only)."""
+        every = self._snapshot_every if self._snapshots is not None else 0
+        taken, noted = self.outputs.tokens(rows, tokens, every)
+        self.counters.generated_tokens += taken
+        for session, request, ended in noted:
+            if ended is not None:
+                self._finish(session, request, *ended)
+            else:  # mid-reply, as in _take_token
+                stream_pos = request.stream_start + request.emitted
+                self._snapshots[session.session_id] = self._snapshot(session, 1, stream_pos)
 
     def _take_token(self, session: Session, request: Request, token: int) -> None:
         self.counters.generated_tokens += 1

@@ -30,21 +30,41 @@ class ReplyOutputs:
 
     def token(self, session: Session, request: Request, token: int) -> tuple[EndReason, str] | None:
         """Take one reply token into the stream; returns (reason, detail) if the reply ends."""
-        request.emitted += 1
-        request.last_token = token
-        request.unsent.append(token)
-        session.tokens.append(token)
-        self._unsent.add(request)
-        params = request.generation
-        if token in self.eos_ids and not params.ignore_eos:
-            return EndReason.EOS, ""
-        if params.stop and self._hit_stop(request, self._materialize(request)):
-            return EndReason.STOP, request.text_tail
-        if request.emitted >= params.max_new_tokens:
-            return EndReason.LENGTH, ""
-        if request.cancelled and request.emitted >= request.planned:
-            return EndReason.CANCELLED, ""
-        return None
+        _, noted = self.tokens([(session, request)], [token], 0)
+        return noted[0][2] if noted else None
+
+    def tokens(
+        self, rows: list[tuple[Session, Request]], tokens: list[int], snapshot_every: int
+    ) -> tuple[int, list[tuple[Session, Request, tuple[EndReason, str] | None]]]:
+        """Take a step's reply tokens, one per row (rows whose request has finished are skipped),
+        in one pass. Returns how many were taken, and in row order the rows whose reply ends,
+        with (reason, detail), and those whose reply reached a multiple of `snapshot_every`
+        tokens without ending, with None (none if `snapshot_every` is 0)."""
+        eos_ids, unsent = self.eos_ids, self._unsent
+        noted: list[tuple[Session, Request, tuple[EndReason, str] | None]] = []
+        taken = 0
+        for (session, request), token in zip(rows, tokens, strict=True):
+            if request.finished:
+                continue
+            taken += 1
+            request.emitted += 1
+            request.last_token = token
+            if not request.unsent:
+                unsent.add(request)
+            request.unsent.append(token)
+            session.tokens.append(token)
+            params = request.generation
+            if token in eos_ids and not params.ignore_eos:
+                noted.append((session, request, (EndReason.EOS, "")))
+            elif params.stop and self._hit_stop(request, self._materialize(request)):
+                noted.append((session, request, (EndReason.STOP, request.text_tail)))
+            elif request.emitted >= params.max_new_tokens:
+                noted.append((session, request, (EndReason.LENGTH, "")))
+            elif request.cancelled and request.emitted >= request.planned:
+                noted.append((session, request, (EndReason.CANCELLED, "")))
+            elif snapshot_every and request.emitted % snapshot_every == 0:
+                noted.append((session, request, None))
+        return taken, noted
 
     def scores(self, request: Request, logprobs: list[float], first_pos: int) -> None:
         self._push(request, ScoresEvent(logprobs, first_pos))
