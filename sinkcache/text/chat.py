@@ -63,6 +63,7 @@ class ChatFormat:
             raise ChatTemplateError("the tokenizer has no chat template")
         self.tokenizer = tokenizer
         self._continuation_backend = _without_prefix_space(tokenizer)
+        self._backend = _plain_backend(tokenizer)
         plain_ids = tokenizer.encode("a")
         bos = tokenizer.bos_token_id
         self._bos_ids = [bos] if bos is not None and plain_ids[:1] == [bos] else []
@@ -212,11 +213,13 @@ class ChatFormat:
 
     def _encode(self, text: str, at_start: bool, as_text: bool) -> list[int]:
         """Tokenize `text`; `as_text` makes special-token strings in it plain text."""
-        if at_start or self._continuation_backend is None:
-            return self.tokenizer.encode(
-                text, add_special_tokens=False, split_special_tokens=as_text
-            )
         backend = self._continuation_backend
+        if at_start or backend is None:
+            backend = self._backend
+            if backend is None:
+                return self.tokenizer.encode(
+                    text, add_special_tokens=False, split_special_tokens=as_text
+                )
         backend.encode_special_tokens = as_text
         return backend.encode(text, add_special_tokens=False).ids
 
@@ -225,6 +228,17 @@ def _checked_role(role: str) -> str:
     if role not in ROLES:
         raise ValueError(f"unknown chat role {role!r}: expected one of {', '.join(ROLES)}")
     return role
+
+
+def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
+    """The fast tokenizer's backend, to be called directly: what `tokenizer.encode(text,
+    add_special_tokens=False, split_special_tokens=...)` runs, without its Python wrapping (most
+    of a short turn's encoding time). None for a slow tokenizer, or a backend set to truncate or
+    pad (which encode would turn off first)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
 
 
 def _without_prefix_space(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
