@@ -225,7 +225,8 @@ def log_curve(
     spans, start = [], 0
     while start < len(nll):
         end = max(start + min_tokens, round(10 ** (math.log10(start + 1) + 1 / per_decade)))
-        end = min(end, len(nll))
+        if len(nll) - end < min_tokens:  # no sliver of a last span (its perplexity is noise)
+            end = len(nll)
         spans.append({"start": start + 1, "end": end + 1, "ppl": _ppl(nll[start:end])})
         start = end
     return spans
