@@ -84,23 +84,27 @@ class OpenAIConversations:
         await asyncio.sleep(config.ramp_s * index / max(1, config.sessions))
         previous: str | None = None
         position: int | None = None
-        opened = False
+        opened: list[bool] = []  # set when the first POST is answered (the session is open)
         try:
             while time.monotonic() < deadline and not stats.settled.is_set():
                 words = rng.randint(*config.words_per_turn)
                 text = " ".join(rng.choice(self.words) for _ in range(words))
                 asked = time.monotonic()
                 try:
-                    final = await self._turn(text, previous, stats)
+                    final = await self._turn(text, previous, stats, opened)
                 except _Failed as failed:
-                    if previous is None and failed.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    first = not opened
+                    if first and failed.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         stats.refused += 1
                         stats.refusal.record_value(max(1, int((time.monotonic() - asked) * 1e6)))
                         stats.refusal_details = stats.refusal_details or failed.details
                         return
                     stats.error(failed.code, failed.details)
-                    if previous is None:
+                    if first:
                         stats.open_failed += 1
+                        return
+                    if previous is None:  # opened, but its first reply broke: no id to go on
+                        stats.lost += 1
                         return
                     if failed.code == grpc.StatusCode.NOT_FOUND:
                         stats.lost += 1
@@ -108,11 +112,7 @@ class OpenAIConversations:
                     await asyncio.sleep(0.5)  # then the same previous_response_id again
                     continue
                 where = final.get("sinkserve", {})
-                if not opened:
-                    opened = True
-                    stats.opened += 1
-                    stats.active += 1
-                elif where.get("start_position") != position:
+                if previous is not None and where.get("start_position") != position:
                     stats.position_errors += 1
                 previous, position = final["id"], where.get("end_position")
                 await asyncio.sleep(rng.uniform(*config.think_s))
@@ -123,7 +123,11 @@ class OpenAIConversations:
             if opened:
                 stats.active -= 1
 
-    async def _turn(self, text: str, previous: str | None, stats: Any) -> dict[str, Any]:
+    async def _turn(
+        self, text: str, previous: str | None, stats: Any, opened: list[bool]
+    ) -> dict[str, Any]:
+        """One streamed response; the first one answered counts its session as opened (as the
+        gRPC load test counts an Open that was answered)."""
         config = self.config
         body: dict[str, Any] = {
             "model": await self._model(),
@@ -143,6 +147,10 @@ class OpenAIConversations:
             async with self.http.post(self.url, data=json.dumps(body)) as answer:
                 if answer.status != 200:
                     raise _Failed(_code(answer.status), _message(await answer.text()))
+                if not opened:
+                    opened.append(True)
+                    stats.opened += 1
+                    stats.active += 1
                 kind = ""
                 async for raw in answer.content:
                     line = raw.decode().rstrip("\r\n")
