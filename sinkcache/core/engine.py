@@ -168,6 +168,8 @@ class EngineCore:
         """The ids the session's cache holds, then its pending tokens: what a fresh session must
         be fed to rebuild it elsewhere."""
         session = self.session(session_id)
+        if session.active is not None:
+            self.outputs.settle(session.active)  # its reply tokens so far join the stream
         return session.tokens.held(len(session.pending))
 
     def restore_session(
@@ -327,6 +329,7 @@ class EngineCore:
             if ended is not None:
                 self._finish(session, request, *ended)
             else:  # mid-reply, as in _take_token
+                self.outputs.settle(request)
                 stream_pos = request.stream_start + request.emitted
                 self._snapshots[session.session_id] = self._snapshot(session, 1, stream_pos)
 
@@ -338,6 +341,7 @@ class EngineCore:
         elif self._snapshots is not None and request.emitted % self._snapshot_every == 0:
             # Mid-reply: the stream is the input and the reply so far; the newest reply token is
             # not written yet, so a rebuild keeps it pending.
+            self.outputs.settle(request)
             stream_pos = request.stream_start + request.emitted
             self._snapshots[session.session_id] = self._snapshot(session, 1, stream_pos)
 

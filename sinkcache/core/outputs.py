@@ -26,7 +26,9 @@ class ReplyOutputs:
     def __init__(self, eos_ids: frozenset[int]) -> None:
         self.eos_ids = eos_ids
         self._dirty: set[Any] = set()  # sinks with new events since the last flush
-        self._unsent: set[Request] = set()  # requests holding reply tokens not yet sent
+        # Requests holding reply tokens not yet sent, with their sessions. Those tokens join the
+        # session's stream (session.tokens) when they become an event, in one extend.
+        self._unsent: dict[Request, Session] = {}
 
     def token(self, session: Session, request: Request, token: int) -> tuple[EndReason, str] | None:
         """Take one reply token into the stream; returns (reason, detail) if the reply ends."""
@@ -50,9 +52,8 @@ class ReplyOutputs:
             request.emitted += 1
             request.last_token = token
             if not request.unsent:
-                unsent.add(request)
+                unsent[request] = session
             request.unsent.append(token)
-            session.tokens.append(token)
             params = request.generation
             if token in eos_ids and not params.ignore_eos:
                 noted.append((session, request, (EndReason.EOS, "")))
@@ -83,6 +84,11 @@ class ReplyOutputs:
         """About how many sinks the next flush will wake."""
         return len(self._unsent) + len(self._dirty)
 
+    def settle(self, request: Request) -> None:
+        """Have the request's reply tokens so far in its session's stream (before reading it)."""
+        if request.unsent:
+            self._materialize(request)
+
     def take_dirty(self) -> set[Any]:
         """Sinks with new events since the last call (pending reply tokens become events now)."""
         for request in list(self._unsent):
@@ -99,9 +105,10 @@ class ReplyOutputs:
     def _materialize(self, request: Request) -> str:
         """Turn a request's unsent reply tokens into one TokensEvent; returns its text."""
         ids, request.unsent = request.unsent, []
-        self._unsent.discard(request)
+        session = self._unsent.pop(request, None)
         if not ids:
             return ""
+        session.tokens.extend(ids)
         text = ""
         if request.decoder is not None:
             eos = ids[-1] in self.eos_ids and not request.generation.ignore_eos
