@@ -7,7 +7,9 @@ malformed; cancels, closes, half-closes and streams dropped mid-reply; messages 
 empty, unreadable or over the size limit; takeovers. After every case:
 
 - every stream ended with a documented status (never INTERNAL or UNKNOWN), one that what it was
-  sent allows, with a short one-line message;
+  sent allows, with a short one-line message; the one exception is grpc.aio's own INTERNAL
+  "Internal error from Core" from a write that raced the stream's end, the client's or the
+  gateway's relay to the replica (the contract states it; such streams are counted apart);
 - a stream that ended normally got exactly one TurnEnd per Append, REJECTED exactly for the
   appends that are invalid on their own;
 - every session it knew of is closed, and the engine holds no more sessions than before
@@ -77,33 +79,19 @@ DOCUMENTED = {
 
 
 # -- the client side: one event loop on a thread -------------------------------------------------------
-async def _write_keeping_the_status(self, request) -> None:
-    """grpc.aio's `_StreamRequestMixin._write`, except that a write which loses the race with the
-    server's end of the stream waits for the server's status instead of replacing it with
-    INTERNAL "Internal error from Core" (a client library quirk that would hide what the server
-    said: hostile clients write whenever they like)."""
-    if self.done():
-        raise asyncio.InvalidStateError("the RPC has finished")
-    if self._done_writing_flag:
-        raise asyncio.InvalidStateError("the RPC is half-closed")
-    if not self._metadata_sent.is_set():
-        await self._metadata_sent.wait()
-        if self.done():
-            await self._raise_for_status()
-    try:
-        await self._cython_call.send_serialized_message(request)
-    except grpc._cython.cygrpc.InternalError:
-        await self._raise_for_status()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _client_writes_keep_the_status():
-    from grpc.aio import _call
-
-    original = _call._StreamRequestMixin._write
-    _call._StreamRequestMixin._write = _write_keeping_the_status
-    yield
-    _call._StreamRequestMixin._write = original
+# A stock grpc.aio client. A write that loses the race with the end of a stream fails with
+# INTERNAL "Internal error from Core", and grpc.aio then reports that as the stream's status in
+# place of the one sent (grpc/grpc#36066; hostile clients write whenever they like). It happens
+# here at two places: the client's own write, and the gateway's relay of a client message to a
+# replica that has just ended the stream (the gateway is a grpc.aio client of the replica, and
+# passes the replaced status on). The contract says so (protos/sinkserve/v1/streaming_llm.proto):
+# such streams are counted apart (client-side and gateway-side), not checked further.
+CLIENT_WRITE_RACE = (S.INTERNAL, "Internal error from Core")
+# The gateway's relay racing the replica's end: the gateway's grpc.aio replaces the replica's
+# status with INTERNAL, which the gateway reports as an unreachable replica (UNAVAILABLE; the
+# session is kept). The replica here never becomes unreachable otherwise.
+GATEWAY_RELAY_RACE = (S.UNAVAILABLE, "the session's replica r0 is unreachable; resume it later")
+RACES = {CLIENT_WRITE_RACE: "client write", GATEWAY_RELAY_RACE: "gateway relay"}
 
 
 class ClientLoop:
@@ -135,6 +123,7 @@ class Stream:
     sending: bool = True  # may still be written to
     wants_session: bool = True  # its first message opens or resumes one (if the key lets it)
     session_id: str = ""  # the session it holds, once known
+    write_raced: bool = False  # a write failed as the server ended the stream (CLIENT_WRITE_RACE)
 
     def end(self, *codes: grpc.StatusCode) -> None:
         """Something was sent that may end the stream with one of `codes`."""
@@ -151,6 +140,7 @@ class Figures:
     canary_checks: int = 0
     crashes: int = 0
     leaks: int = 0
+    write_races: Counter = field(default_factory=Counter)  # statuses grpc.aio replaced, by where
 
 
 class Harness:
@@ -413,8 +403,10 @@ class ClientsMachine(RuleBasedStateMachine):
         self.h.figures.messages += 1
         try:
             await stream.call.write(raw)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
             stream.sending = False  # it ended already
+            if isinstance(error, grpc.aio.AioRpcError):
+                stream.write_raced = (error.code(), error.details()) == CLIENT_WRITE_RACE
 
     def _new(self, key: str | None, first: bytes) -> Stream:
         stream = Stream(key)
@@ -526,8 +518,10 @@ class ClientsMachine(RuleBasedStateMachine):
     def nothing_ended_badly_yet(self) -> None:
         for stream in getattr(self, "all", []):
             if stream.ended is not None and stream.ended.done():
-                code, _ = stream.ended.result()
-                assert code not in (S.INTERNAL, S.UNKNOWN), (code, stream.ended.result())
+                code, details = stream.ended.result()
+                if (code, details) in RACES:
+                    continue
+                assert code not in (S.INTERNAL, S.UNKNOWN), (code, details)
 
     # -- after the case -------------------------------------------------------------------------------
     def teardown(self) -> None:
@@ -559,6 +553,9 @@ class ClientsMachine(RuleBasedStateMachine):
     def _check_stream(self, stream: Stream) -> None:
         code, details = stream.ended.result()
         figures = self.h.figures
+        if (code, details) in RACES:  # the status sent is not known: no more checks
+            figures.write_races[RACES[code, details]] += 1
+            return
         figures.statuses[code.name] += 1
         if code in (S.INTERNAL, S.UNKNOWN) or code not in DOCUMENTED:
             figures.crashes += 1
@@ -597,14 +594,16 @@ class ClientsMachine(RuleBasedStateMachine):
             async for _ in call:
                 pass
         except grpc.aio.AioRpcError as error:
-            # closed already by another of its streams, or expired (short TTL here)
-            assert error.code() in (S.NOT_FOUND, S.ABORTED), error
+            # closed already by another of its streams, or expired (short TTL here); or the Close
+            # written as the refusal ended the stream (CLIENT_WRITE_RACE)
+            ended = (error.code(), error.details())
+            assert error.code() in (S.NOT_FOUND, S.ABORTED) or ended == CLIENT_WRITE_RACE, error
         finally:
             await channel.close()
 
     def _check_sessions(self) -> None:
         """No session left behind: at most the ones whose ids a dropped stream never learned."""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # a cap: sessions usually go within milliseconds
         while True:
             stats = self.h.service.stats()
             extra = stats.sessions - self.baseline
@@ -632,14 +631,15 @@ def test_random_client_message_sequences(harness) -> None:
         )
     harness.check_canary()
     # At the end: the sessions of dropped streams have expired; only the canary is left.
-    deadline = time.monotonic() + SESSION_TTL_S + 12
+    deadline = time.monotonic() + SESSION_TTL_S + 60  # a cap: the sweep takes about the TTL
     while (stats := harness.service.stats()).sessions > 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     figures = harness.figures
     print(
         f"\nfuzz: {figures.cases} cases, {figures.streams} streams, {figures.messages} messages, "
         f"{figures.rejected_turns} rejected turns, {figures.canary_checks} canary checks, "
-        f"crashes {figures.crashes}, leaks {figures.leaks}, {time.monotonic() - started:.0f} s; "
+        f"crashes {figures.crashes}, leaks {figures.leaks}, write races "
+        f"{dict(figures.write_races)}, {time.monotonic() - started:.0f} s; "
         f"statuses {dict(figures.statuses)}"
     )
     left = sorted(harness.service.sessions.entries)
