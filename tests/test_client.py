@@ -222,6 +222,7 @@ def test_resuming_many_times_leaves_no_thread_behind(service) -> None:
                 f"{len(left)} threads more than before {RESUMES} resumes: {sorted(left)}"
             )
             time.sleep(0.05)
+        print(f"{len(left)} client threads more after {RESUMES} resumes: {sorted(left)}")
     finally:
         with contextlib.suppress(SessionError):
             session.close()
