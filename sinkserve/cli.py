@@ -356,28 +356,49 @@ def _chat(args: argparse.Namespace) -> int:
             try:
                 line = input("> ")
             except EOFError:
+                # The token of the current stream: a resume may have brought a newer one.
                 print(
-                    f"\nsession kept: --session {opened.session_id} --resume-token {opened.resume_token}"
+                    f"\nsession kept: --session {session.session_id} "
+                    f"--resume-token {session.resume_token}"
                 )
                 session.disconnect()
                 return 0
             if line.strip() == "/close":
                 position = session.close()
-                print(f"session {opened.session_id} closed (stream position {position})")
+                print(f"session {session.session_id} closed (stream position {position})")
                 return 0
             if not line.strip():
                 continue
-            for message in session.append(chat=("user", line), generate=params):
-                if message.HasField("tokens"):
-                    print(message.tokens.text, end="", flush=True)
-                elif message.turn_end.reason == message.turn_end.REJECTED:
-                    print(f"(refused: {message.turn_end.detail})", end="")
+            _chat_turn(session, line, params)
             print()
     except SessionError as error:
         raise SystemExit(f"session ended: {error}") from None
     except KeyboardInterrupt:
         session.disconnect()
         return 130
+
+
+def _chat_turn(session: Any, line: str, params: Any) -> None:
+    """One user turn, its reply printed as it streams. A stream that breaks is resumed by the
+    client (StreamResumed): if the service holds nothing of this turn (the session stands where
+    it stood before), the message never arrived and is sent once more; otherwise the reply was
+    cut, and the conversation goes on from what the service kept."""
+    from sinkserve.client import StreamResumed
+
+    for attempt in (1, 2):
+        before = session.stream_position
+        try:
+            for message in session.append(chat=("user", line), generate=params):
+                if message.HasField("tokens"):
+                    print(message.tokens.text, end="", flush=True)
+                elif message.turn_end.reason == message.turn_end.REJECTED:
+                    print(f"(refused: {message.turn_end.detail})", end="")
+        except StreamResumed as resumed:
+            if resumed.stream_position <= before and attempt == 1:
+                print("(the stream broke before the message arrived; resumed, sending it again)")
+                continue
+            print(f"\n(the stream broke and the session resumed; this reply was cut: {resumed})")
+        return
 
 
 def _cannot_start(target: str, error: Any) -> str:

@@ -93,6 +93,11 @@ class _SessionProperties:
         return self._core.opened.replica_id
 
     @property
+    def stream_position(self) -> int:
+        """The furthest stream position this client has seen (Opened, tokens, turn ends)."""
+        return self._core.seen
+
+    @property
     def resumes(self) -> int:
         """How many times the session resumed itself."""
         return self._core.resumes

@@ -255,3 +255,46 @@ def test_a_send_on_a_stream_the_server_ended_says_so(service, resume: bool) -> N
     finally:
         with contextlib.suppress(SessionError):
             session.close()
+
+
+@pytest.mark.slow
+def test_sinkserve_chat_goes_on_after_its_stream_breaks(service) -> None:
+    """`sinkserve chat` is the client a person keeps open for days: a stream the service ends
+    between turns (a drain, a replica restart) must not end the chat. The next message finds the
+    stream gone, the client resumes, and since the service holds nothing of that message, the
+    chat sends it again; the chat then leaves with the current resume token."""
+    import re
+    import subprocess
+    import sys
+
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "sinkserve.cli", "chat", "--target", service.address,
+         "--max-new-tokens", "2", "--temperature", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        header = chat.stdout.readline()
+        found = re.match(r"session (\S+) on replica", header)
+        assert found, f"no session line from the chat: {header!r}"
+        session_id = found.group(1)
+
+        async def turns_ended() -> bool:
+            entry = service.sessions.entries.get(session_id)
+            return entry is not None and entry.inflight == 0 and entry.turn_ended_at is not None
+
+        chat.stdin.write("hello\n")
+        chat.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not service.call(turns_ended()):
+            assert chat.poll() is None, f"the chat ended: {chat.stderr.read()}"
+            assert time.monotonic() < deadline, "the chat's first turn did not end in 60 s"
+            time.sleep(0.05)
+        end_streams(service)
+        until_detached(service, session_id)
+        out, err = chat.communicate("again\n", timeout=120)  # then end of input: Ctrl-D
+    finally:
+        if chat.poll() is None:
+            chat.kill()
+    assert chat.returncode == 0, f"the chat ended on the broken stream: {err.strip()}"
+    assert "resumed, sending it again" in out, out
+    assert f"session kept: --session {session_id} --resume-token " in out, out
