@@ -84,8 +84,11 @@ async def test_a_turn_that_needs_a_rebuild_waits_in_line_then_gets_the_slot(
     sessions.attach(away, asyncio.Queue())
 
     waiting = asyncio.create_task(sessions.before_append(away))  # its rebuild needs a slot
-    await asyncio.sleep(0.3)
-    assert not waiting.done()  # in line while both slots are in a conversation
+    deadline = time.monotonic() + 10  # a cap: the first try for a slot comes at once
+    while not sessions._line_stuck:  # it tried, found every slot conversing, and waits in line
+        assert not waiting.done(), "the rebuild did not wait although no slot was free"
+        assert time.monotonic() < deadline, "the rebuild never reported waiting for a slot"
+        await asyncio.sleep(0.01)
     with pytest.raises(ArenaFullError, match="wait for a slot"):  # first come, first served
         await sessions.open()
     await asyncio.wait_for(waiting, 10)  # a pause of CONVERSING_S frees a slot: it is rebuilt

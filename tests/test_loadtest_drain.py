@@ -17,6 +17,7 @@ import pytest
 
 from sinkserve.health import wait_serving
 from sinkserve.loadtest import DRAIN_S, LoadConfig, run, summary
+from sinkserve.stats import fetch_stats
 from tests.service import free_port
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,10 @@ async def test_a_stalled_service_does_not_stretch_the_run_past_its_drain() -> No
         )
         started = time.monotonic()
         load = asyncio.create_task(run(config))
-        await asyncio.sleep(1)
+        deadline = time.monotonic() + 60  # a cap: the four open within a second or two
+        while fetch_stats(address).sessions < 4:  # every session open, so each is in a turn
+            assert time.monotonic() < deadline, "the load test's 4 sessions did not open in 60 s"
+            await asyncio.sleep(0.05)
         os.kill(engine.pid, signal.SIGSTOP)  # every turn in flight stalls from here
         stats = await asyncio.wait_for(load, 90)  # a hang fails the test instead
         elapsed = time.monotonic() - started
